@@ -1,0 +1,206 @@
+"""The ``meloformer`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from meloformer_model.atomic import write_bytes_atomic, write_parquet_atomic
+from meloformer_model.data.corpus import inspect_files, report_tables, write_filter_results
+from meloformer_model.data.filtering import FilterConfig
+from meloformer_model.data.midi_io import MidiReadError, find_midi_files, load_score, write_midi
+from meloformer_model.data.tokenize_corpus import (
+    tokenize_files,
+    tokens_table,
+    vocabulary_with_counts,
+)
+from meloformer_model.tokenizer.config import TokenizerConfig
+from meloformer_model.tokenizer.hid import HIDTokenizer, TokenizeError
+from meloformer_model.tokenizer.vocab import FAMILIES
+
+
+class CliError(Exception):
+    """Reported as one line on stderr with exit code 1."""
+
+
+def _default_workers() -> int:
+    return max(
+        1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
+
+
+def _print_reasons(summary: dict) -> None:
+    print(
+        f"{summary['files']} files: {summary['accepted']} accepted, {summary['rejected']} rejected"
+    )
+    for reason, count in summary["reasons"].items():
+        print(f"  {reason:28s} {count}")
+
+
+def cmd_filter(args: argparse.Namespace) -> None:
+    paths = find_midi_files(args.sources)
+    if not paths:
+        raise CliError(f"no MIDI files found in {', '.join(map(str, args.sources))}")
+    config = FilterConfig()
+    reports = inspect_files(paths, config, args.workers, progress=not args.quiet)
+    summary = write_filter_results(reports, Path(args.out), config)
+    _print_reasons(summary)
+    print(f"wrote {Path(args.out) / 'accepted.parquet'} and {Path(args.out) / 'rejected.parquet'}")
+
+
+def _load_tokens(path: str) -> tuple[HIDTokenizer, np.ndarray]:
+    try:
+        data = json.loads(Path(path).read_text())
+        ids = np.asarray(data["ids"], dtype=np.int32)
+        config = TokenizerConfig.from_dict(data["config"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CliError(
+            f"{path}: not a token file written by 'meloformer tokenize' ({exc})"
+        ) from exc
+    tokenizer = HIDTokenizer(config)
+    if data.get("config_hash") != config.config_hash():
+        raise CliError(f"{path}: config hash does not match the stored tokenizer config")
+    if len(ids) and (ids.min() < 0 or ids.max() >= len(tokenizer.vocab)):
+        raise CliError(f"{path}: token ids outside the vocabulary of {len(tokenizer.vocab)} tokens")
+    return tokenizer, ids
+
+
+def _encode(path: str) -> tuple[HIDTokenizer, object]:
+    tokenizer = HIDTokenizer()
+    try:
+        return tokenizer, tokenizer.encode(path)
+    except (MidiReadError, TokenizeError) as exc:
+        raise CliError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from exc
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    tokenizer, seq = _encode(args.file)
+    payload = {
+        "source": str(args.file),
+        "config_hash": tokenizer.config.config_hash(),
+        "config": tokenizer.config.to_dict(),
+        "tokens": tokenizer.vocab.decode_names(seq.ids),
+        **{name: values.tolist() for name, values in seq.arrays().items()},
+    }
+    write_bytes_atomic(args.output, json.dumps(payload).encode())
+    print(f"{len(seq)} tokens -> {args.output}")
+
+
+def cmd_decode(args: argparse.Namespace) -> None:
+    tokenizer, ids = _load_tokens(args.file)
+    score = tokenizer.decode_score(ids)
+    write_midi(score, args.output)
+    print(f"{score.note_num()} notes in {len(score.tracks)} tracks -> {args.output}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    try:
+        score = load_score(args.file)
+    except MidiReadError as exc:
+        raise CliError(str(exc)) from exc
+    tokenizer, seq = _encode(args.file)
+    names = tokenizer.vocab.decode_names(seq.ids)
+    print(
+        f"{args.file}: {score.note_num()} notes, {len(score.tracks)} tracks, "
+        f"tpq {score.ticks_per_quarter}, {int(seq.bar.max()) + 1} bars, {len(seq)} tokens"
+    )
+    for track in score.tracks:
+        kind = "drums" if track.is_drum else f"program {track.program}"
+        print(f"  track {track.name!r}: {kind}, {len(track.notes)} notes")
+    bars: dict[int, list[str]] = {}
+    for name, bar in zip(names[1:-1], seq.bar[1:-1].tolist()):
+        bars.setdefault(bar, []).append(name)
+    for bar, tokens in bars.items():
+        chord = next((t[6:] for t in tokens if t.startswith("Chord_")), "N")
+        notes = sum(t.startswith(("Pitch_", "Drum_")) for t in tokens)
+        print(f"bar {bar:4d}  chord {chord:8s} notes {notes:3d} | {' '.join(tokens)}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    """Filter, tokenize and count a corpus: the library end to end."""
+    out = Path(args.out)
+    started = time.perf_counter()
+    paths = find_midi_files(args.sources)
+    if not paths:
+        raise CliError(f"no MIDI files found in {', '.join(map(str, args.sources))}")
+    filter_config = FilterConfig()
+    reports = inspect_files(paths, filter_config, args.workers, progress=not args.quiet)
+    summary = write_filter_results(reports, out / "filter", filter_config)
+    _print_reasons(summary)
+    accepted, _ = report_tables(reports)
+    config = TokenizerConfig()
+    results = tokenize_files(accepted["path"].to_list(), config, args.workers, not args.quiet)
+    failures = [r.error for r in results if r.error]
+    for error in failures:
+        print(f"tokenize failed: {error}", file=sys.stderr)
+    hashes = dict(zip(accepted["path"].to_list(), accepted["content_hash"].to_list()))
+    table = tokens_table(results, hashes)
+    write_parquet_atomic(table, out / "tokens.parquet")
+    vocab = vocabulary_with_counts(config, results)
+    vocab.save(out / "vocab.json")
+    lengths = np.asarray(table["length"].to_pylist() or [0])
+    family_counts = Counter()
+    for family, (start, end) in vocab.family_ranges.items():
+        family_counts[family] = int(vocab.counts[start:end].sum())
+    print(
+        f"tokenized {table.num_rows} files, {int(lengths.sum())} tokens "
+        f"(median {int(np.median(lengths))}, max {int(lengths.max())}), "
+        f"{len(failures)} failures, {time.perf_counter() - started:.1f} s"
+    )
+    print("tokens per family: " + ", ".join(f"{f} {family_counts[f]}" for f in FAMILIES))
+    print(f"wrote {out / 'tokens.parquet'}, {out / 'vocab.json'} ({len(vocab)} tokens)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meloformer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def corpus_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("sources", nargs="+", help="MIDI files or folders (searched recursively)")
+        p.add_argument("--out", required=True, help="output folder")
+        p.add_argument("--workers", type=int, default=_default_workers(), help="processes")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("filter", help="quality-filter and dedup a corpus into parquet tables")
+    corpus_options(p)
+    p.set_defaults(func=cmd_filter)
+
+    p = sub.add_parser("prepare", help="filter + tokenize + vocabulary (the library end to end)")
+    corpus_options(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("tokenize", help="MIDI file to HID tokens (JSON)")
+    p.add_argument("file")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("decode", help="HID token JSON back to MIDI")
+    p.add_argument("file")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("inspect", help="bars, chords and tokens of a MIDI file, readable")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CliError as exc:
+        print(f"meloformer {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

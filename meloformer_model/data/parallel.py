@@ -1,0 +1,36 @@
+"""Order-preserving map over files with a progress bar, on one process or a pool."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from typing import TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def map_with_progress(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    workers: int = 1,
+    desc: str = "",
+    progress: bool = True,
+    chunksize: int = 8,
+) -> list[R]:
+    """``fn`` must catch its own per-item errors: one bad file must not stop a corpus run."""
+    bar = tqdm(total=len(items), desc=desc, unit="file", disable=not progress)
+    results: list[R] = []
+    if workers <= 1:
+        for item in items:
+            results.append(fn(item))
+            bar.update()
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for result in pool.map(fn, items, chunksize=chunksize):
+                results.append(result)
+                bar.update()
+    bar.close()
+    return results

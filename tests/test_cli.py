@@ -1,0 +1,84 @@
+"""The meloformer command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+from symusic import Score
+
+from meloformer_model.data.corrupt import CORRUPT_CASES, write_corrupt_corpus
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "meloformer_model.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_filter_writes_tables_and_summarises_reasons(tmp_path, sample_files):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in sample_files[:12]:
+        (corpus / path.name).write_bytes(path.read_bytes())
+    (corpus / "nested").mkdir()
+    (corpus / "nested" / "dup.mid").write_bytes(sample_files[0].read_bytes())
+    expected = write_corrupt_corpus(corpus / "broken")
+    out = tmp_path / "out"
+    result = run_cli("filter", corpus, "--out", out, "--workers", "2", "--quiet")
+    assert result.returncode == 0, result.stderr
+    accepted = pl.read_parquet(out / "accepted.parquet")
+    rejected = pl.read_parquet(out / "rejected.parquet")
+    assert accepted.height + rejected.height == 12 + 1 + len(CORRUPT_CASES)
+    reasons = dict(zip(rejected["path"], rejected["reason"]))
+    assert {Path(p).name: r for p, r in reasons.items() if "broken" in p} == {
+        p.name: r.value for p, r in expected.items()
+    }
+    dup = rejected.filter(pl.col("reason") == "duplicate")
+    assert dup.height == 1 and dup["duplicate_of"][0] in accepted["path"].to_list()
+    assert f"{accepted.height} accepted" in result.stdout
+    assert "unreadable" in result.stdout
+
+
+def test_tokenize_decode_round_trip_through_files(tmp_path, sample_files):
+    src = sample_files[1]
+    tokens = tmp_path / "t.json"
+    result = run_cli("tokenize", src, "-o", tokens)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(tokens.read_text())
+    assert data["tokens"][0] == "BOS" and data["tokens"][-1] == "EOS"
+    assert (
+        len(data["ids"]) == len(data["bar"]) == len(data["instrument"]) == len(data["onset_group"])
+    )
+    out = tmp_path / "back.mid"
+    result = run_cli("decode", tokens, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert Score(str(out)).note_num() == Score(str(src)).note_num()
+
+
+def test_inspect_prints_bars_and_chords(sample_files):
+    result = run_cli("inspect", sample_files[2])
+    assert result.returncode == 0, result.stderr
+    bar_lines = [line for line in result.stdout.splitlines() if line.startswith("bar ")]
+    assert len(bar_lines) > 4
+    assert "chord" in bar_lines[0] and "Bar" in bar_lines[0]
+
+
+def test_unreadable_input_gives_one_line_and_nonzero_exit(tmp_path):
+    bad = tmp_path / "bad.mid"
+    bad.write_bytes(b"not midi at all")
+    for command in ("inspect", "tokenize"):
+        args = [command, bad] + (["-o", tmp_path / "x.json"] if command == "tokenize" else [])
+        result = run_cli(*args)
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "bad.mid" in lines[0] and "unreadable" in lines[0]
+    result = run_cli("decode", bad, "-o", tmp_path / "x.mid")
+    assert result.returncode == 1 and "bad.mid" in result.stderr
+    assert not (tmp_path / "x.mid").exists()

@@ -1,0 +1,129 @@
+"""Quality filter: named reasons for every corruption, thresholds from config, content dedup."""
+
+from __future__ import annotations
+
+import random
+
+import polars as pl
+import pytest
+from symusic import Score
+
+from meloformer_model.data.corpus import inspect_files, write_filter_results
+from meloformer_model.data.corrupt import CORRUPT_CASES, valid_file, write_corrupt_corpus
+from meloformer_model.data.filtering import FilterConfig, Reason, content_hash, inspect_file
+from meloformer_model.data.smf_scan import scan_smf
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPT_CASES))
+def test_each_corruption_is_rejected_with_its_reason(case):
+    make, reason = CORRUPT_CASES[case]
+    report = inspect_file(make(), path=f"{case}.mid")
+    assert not report.accepted
+    assert report.reason == reason.value, report.message
+    assert report.message.startswith(f"{case}.mid: ")
+
+
+def test_valid_file_is_accepted_with_stats():
+    report = inspect_file(valid_file(), path="ok.mid")
+    assert report.accepted, report.message
+    assert report.stats["notes"] == 64
+    assert report.stats["pitches"] == 10
+    assert report.stats["beats"] == 64.0
+    assert report.stats["seconds"] == pytest.approx(32.0)
+    assert report.stats["time_signatures"] == ["4/4"]
+    assert report.stats["mean_tempo_bpm"] == pytest.approx(120.0)
+    assert report.stats["tracks"] == 1
+    assert report.stats["cross_bar_rate"] == 0.0
+    assert len(report.content_hash) == 32
+
+
+def test_thresholds_come_from_the_config():
+    assert inspect_file(valid_file()).accepted
+    report = inspect_file(valid_file(), FilterConfig(min_notes=65), path="ok.mid")
+    assert (report.reason, report.message) == ("too_few_notes", "ok.mid: 64 notes < 65")
+    assert inspect_file(valid_file(), FilterConfig(min_seconds=33)).reason == Reason.TOO_SHORT.value
+    assert (
+        inspect_file(valid_file(), FilterConfig(min_pitches=11)).reason
+        == Reason.TOO_FEW_PITCHES.value
+    )
+    assert inspect_file(valid_file(), FilterConfig(time_signatures=((3, 4),))).reason == (
+        Reason.UNSUPPORTED_TIME_SIGNATURE.value
+    )
+
+
+def test_scan_counts_unterminated_notes():
+    make, _ = CORRUPT_CASES["unterminated_notes"]
+    scan = scan_smf(make())
+    assert (scan.note_ons, scan.unterminated_notes) == (104, 40)
+    assert scan_smf(valid_file()).unterminated_notes == 0
+
+
+def test_content_hash_ignores_resolution_velocity_and_track_order(sample_files):
+    score = Score(str(sample_files[0]))
+    resampled = score.resample(960)
+    reordered = score.copy()
+    reordered.tracks = list(reversed(list(reordered.tracks)))
+    for track in reordered.tracks:
+        track.shift_velocity(-10, inplace=True)
+    base = content_hash(score)
+    assert content_hash(resampled) == base
+    assert content_hash(reordered) == base
+    moved = score.copy()
+    moved.tracks[0].shift_pitch(1, inplace=True)
+    assert content_hash(moved) != base
+
+
+def test_duplicates_name_the_original(tmp_path, sample_files):
+    original = sample_files[0]
+    copy = tmp_path / "zz_copy.mid"
+    Score(str(original)).resample(960).dump_midi(str(copy))
+    reports = inspect_files([original, copy], FilterConfig(), workers=1, progress=False)
+    assert reports[0].accepted
+    assert (reports[1].reason, reports[1].stats["duplicate_of"]) == ("duplicate", str(original))
+
+
+def test_corrupt_files_never_stop_a_corpus_run(tmp_path, sample_files):
+    expected = write_corrupt_corpus(tmp_path / "corrupt")
+    good = sample_files[:20]
+    paths = good + sorted(expected)
+    reports = inspect_files(paths, FilterConfig(), workers=2, progress=False)
+    summary = write_filter_results(reports, tmp_path / "out", FilterConfig())
+    accepted = pl.read_parquet(tmp_path / "out" / "accepted.parquet")
+    rejected = pl.read_parquet(tmp_path / "out" / "rejected.parquet")
+    assert summary["files"] == len(paths)
+    assert set(accepted["path"]) | set(rejected["path"]) == {str(p) for p in paths}
+    got = dict(zip(rejected["path"], rejected["reason"]))
+    for path, reason in expected.items():
+        assert got[str(path)] == reason.value
+    good_accepted = accepted.filter(pl.col("path").is_in([str(p) for p in good]))
+    assert good_accepted.height + sum(str(p) in got for p in good) == len(good)
+    assert good_accepted["notes"].min() > 0
+
+
+def test_random_byte_mutations_of_real_files_never_raise(sample_files):
+    rng = random.Random(1234)
+    outcomes = set()
+    for path in sample_files[:10]:
+        data = bytearray(path.read_bytes())
+        for _ in range(30):
+            mutated = bytearray(data)
+            for _ in range(rng.randint(1, 8)):
+                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            if rng.random() < 0.3:
+                mutated = mutated[: rng.randrange(len(mutated))]
+            report = inspect_file(bytes(mutated), path=path.name)
+            assert report.accepted or report.reason in {r.value for r in Reason}
+            outcomes.add(report.reason)
+    assert Reason.UNREADABLE.value in outcomes and None in outcomes
+
+
+def test_sample_corpus_passes_the_filter(sample_files):
+    reports = inspect_files(sample_files, FilterConfig(), workers=2, progress=False)
+    rejected = [(r.path, r.reason) for r in reports if not r.accepted]
+    assert len(rejected) <= len(sample_files) * 0.1, rejected[:10]
+    assert sum(r.accepted for r in reports) >= 300
+    assert all(
+        r.reason in {"duplicate", "too_short", "cross_bar_rate", "too_few_beats"}
+        for r in reports
+        if not r.accepted
+    )

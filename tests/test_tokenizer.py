@@ -1,0 +1,406 @@
+"""HID tokenizer: exact token order, side information, and MIDI round trips on real music."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import mido
+import numpy as np
+import pytest
+from symusic import Note, Score, Tempo, TimeSignature, Track
+
+from meloformer_model.tokenizer.config import TokenizerConfig
+from meloformer_model.tokenizer.hid import HIDTokenizer, TokenizeError
+
+TOK = HIDTokenizer()
+CFG = TOK.config
+PPQ = CFG.positions_per_quarter
+
+
+def make_score(tracks, tempos=((0, 120.0),), time_sigs=((0, 4, 4),), tpq=480):
+    """tracks: list of (program, is_drum, [(start, duration, pitch, velocity), ...]) in ticks."""
+    score = Score(tpq)
+    for t, qpm in tempos:
+        score.tempos.append(Tempo(t, qpm=qpm))
+    for t, num, den in time_sigs:
+        score.time_signatures.append(TimeSignature(t, num, den))
+    for program, drum, notes in tracks:
+        track = Track(f"t{program}", program, drum)
+        for start, dur, pitch, vel in notes:
+            track.notes.append(Note(start, dur, pitch, vel))
+        score.tracks.append(track)
+    return score
+
+
+def names(seq) -> list[str]:
+    return TOK.vocab.decode_names(seq.ids)
+
+
+# ----------------------------------------------------------------------------- reference spec
+def _round_half_up(ticks: np.ndarray, tpq: int) -> np.ndarray:
+    return np.floor(ticks * PPQ / tpq + 0.5).astype(np.int64)
+
+
+def _nearest_duration(units: int) -> int:
+    values = CFG.duration_values()
+    diffs = np.abs(values - units)
+    return int(values[np.flatnonzero(diffs == diffs.min())[0]])
+
+
+def expected_notes(score) -> Counter:
+    """What the round trip must reproduce, stated independently of the tokenizer's code."""
+    tpq = score.ticks_per_quarter
+    out = Counter()
+    for track in score.tracks:
+        for note in track.notes:
+            onset = int(_round_half_up(np.array([note.time]), tpq)[0])
+            end = int(_round_half_up(np.array([note.time + note.duration]), tpq)[0])
+            dur = _nearest_duration(max(end - onset, 1))
+            program = -1 if track.is_drum else track.program
+            out[(onset, note.pitch, dur, note.velocity // 4, program, track.is_drum)] += 1
+    return out
+
+
+def decoded_notes(score) -> Counter:
+    tpq = score.ticks_per_quarter
+    out = Counter()
+    for track in score.tracks:
+        for note in track.notes:
+            assert note.time * PPQ % tpq == 0 and note.duration * PPQ % tpq == 0
+            program = -1 if track.is_drum else track.program
+            key = (
+                note.time * PPQ // tpq,
+                note.pitch,
+                note.duration * PPQ // tpq,
+                note.velocity // 4,
+                program,
+                track.is_drum,
+            )
+            out[key] += 1
+    return out
+
+
+def tempo_bin_of(bpm: float) -> int:
+    return int(np.argmin(np.abs(np.log(CFG.tempo_values()) - np.log(bpm))))
+
+
+def expected_tempos(score) -> list[tuple[int, int]]:
+    tpq = score.ticks_per_quarter
+    last_onset = max(
+        int(_round_half_up(np.array([n.time]), tpq)[0]) for t in score.tracks for n in t.notes
+    )
+    events = {0: tempo_bin_of(CFG.default_tempo_bpm)}
+    for tempo in score.tempos:
+        events[int(_round_half_up(np.array([tempo.time]), tpq)[0])] = tempo_bin_of(tempo.qpm)
+    out: list[tuple[int, int]] = []
+    for t in sorted(events):
+        if t <= last_onset and (not out or out[-1][1] != events[t]):
+            out.append((t, events[t]))
+    return out
+
+
+def expected_time_signatures(score, last_onset: int) -> list[tuple[int, int, int]]:
+    """Changes take effect at the first bar line at or after their time, up to the last onset."""
+    tpq = score.ticks_per_quarter
+    changes = [
+        (int(_round_half_up(np.array([t.time]), tpq)[0]), t.numerator, t.denominator)
+        for t in score.time_signatures
+    ]
+    if not changes or changes[0][0] > 0:
+        changes.insert(0, (0, 4, 4))
+    bar_start, current = 0, changes[0][1:]
+    out = [(0, *current)]
+    for time, num, den in changes[1:]:
+        while bar_start < time:
+            bar_start += current[0] * 4 * PPQ // current[1]
+        current = (num, den)
+        if bar_start > last_onset:
+            break
+        if out[-1][0] == bar_start:
+            out.pop()
+        if not out or out[-1][1:] != current:
+            out.append((bar_start, *current))
+    return out
+
+
+def decoded_tempos(score) -> list[tuple[int, int]]:
+    tpq = score.ticks_per_quarter
+    return [(t.time * PPQ // tpq, tempo_bin_of(t.qpm)) for t in score.tempos]
+
+
+# ----------------------------------------------------------------------------- exact sequences
+def test_token_order_is_bar_major_with_instrument_priority_and_sorted_onsets():
+    score = make_score(
+        [
+            (0, False, [(480, 480, 67, 80), (0, 480, 64, 80), (0, 480, 60, 80)]),  # piano
+            (33, False, [(0, 960, 36, 100)]),  # bass comes before piano
+            (0, True, [(0, 120, 36, 100)]),  # drums come first
+        ]
+    )
+    seq = TOK.encode(score)
+    assert names(seq) == [
+        "BOS",
+        "Bar",
+        "TimeSig_4/4",
+        "Pos_0",
+        f"Tempo_{CFG.tempo_values()[tempo_bin_of(120)]:.1f}",
+        "Chord_C:maj",
+        "#D",
+        "Pos_0",
+        "Drum_36",
+        "Dur_3",
+        "Vel_25",
+        "#P33",
+        "Pos_0",
+        "Pitch_36",
+        "Dur_24",
+        "Vel_25",
+        "#P0",
+        "Pos_0",
+        "Pitch_60",
+        "Dur_12",
+        "Vel_20",
+        "Pitch_64",
+        "Dur_12",
+        "Vel_20",
+        "Pos_12",
+        "Pitch_67",
+        "Dur_12",
+        "Vel_20",
+        "EOS",
+    ]
+
+
+def test_side_information_exact_values():
+    score = make_score([(0, False, [(0, 480, 60, 80), (0, 480, 64, 80), (1920, 480, 62, 80)])])
+    seq = TOK.encode(score)
+    got = list(
+        zip(
+            names(seq),
+            seq.bar.tolist(),
+            seq.instrument.tolist(),
+            seq.token_type.tolist(),
+            seq.onset_group.tolist(),
+        )
+    )
+    tempo = f"Tempo_{CFG.tempo_values()[tempo_bin_of(120)]:.1f}"
+    assert got == [
+        ("BOS", 0, 129, 0, -1),
+        ("Bar", 0, 129, 0, -1),
+        ("TimeSig_4/4", 0, 129, 0, -1),
+        ("Pos_0", 0, 129, 1, -1),
+        (tempo, 0, 129, 0, -1),
+        ("Chord_C:maj", 0, 129, 0, -1),
+        ("#P0", 0, 0, 0, -1),
+        ("Pos_0", 0, 0, 1, 0),
+        ("Pitch_60", 0, 0, 2, 0),
+        ("Dur_12", 0, 0, 3, 0),
+        ("Vel_20", 0, 0, 4, 0),
+        ("Pitch_64", 0, 0, 2, 0),
+        ("Dur_12", 0, 0, 3, 0),
+        ("Vel_20", 0, 0, 4, 0),
+        ("Bar", 1, 129, 0, -1),
+        ("Chord_D:5", 1, 129, 0, -1),
+        ("#P0", 1, 0, 0, -1),
+        ("Pos_0", 1, 0, 1, 1),
+        ("Pitch_62", 1, 0, 2, 1),
+        ("Dur_12", 1, 0, 3, 1),
+        ("Vel_20", 1, 0, 4, 1),
+        ("EOS", 1, 129, 0, -1),
+    ]
+
+
+def test_empty_bars_are_explicit():
+    score = make_score([(0, False, [(0, 480, 60, 80), (1920 * 3, 480, 62, 80)])])
+    seq = TOK.encode(score)
+    tokens = names(seq)
+    assert tokens.count("Bar") == 4
+    assert tokens[tokens.index("Bar", 7) : tokens.index("Bar", 7) + 4] == [
+        "Bar",
+        "Chord_N",
+        "Bar",
+        "Chord_N",
+    ]
+
+
+def test_time_signature_changes_set_the_grid_and_round_trip():
+    # 4/4 bar, then two 3/4 bars, then 6/8: bar starts at 0, 48, 84, 120 grid units.
+    score = make_score(
+        [
+            (
+                0,
+                False,
+                [
+                    (0, 480, 60, 80),
+                    (1920, 480, 62, 80),
+                    (1920 + 1440, 480, 64, 80),
+                    (1920 + 2880, 240, 65, 80),
+                    (1920 + 2880 + 1200, 240, 67, 80),
+                ],
+            )
+        ],
+        time_sigs=((0, 4, 4), (1920, 3, 4), (1920 + 2880, 6, 8)),
+    )
+    seq = TOK.encode(score)
+    tokens = names(seq)
+    assert [t for t in tokens if t.startswith("TimeSig")] == [
+        "TimeSig_4/4",
+        "TimeSig_3/4",
+        "TimeSig_6/8",
+    ]
+    last_bar = tokens[len(tokens) - 1 - tokens[::-1].index("Bar") :]
+    assert "Pos_30" in last_bar  # 1200 ticks into the 6/8 bar = 2.5 quarters = 30 units
+    out = TOK.decode_score(seq.ids)
+    assert [(t.time, t.numerator, t.denominator) for t in out.time_signatures] == [
+        (0, 4, 4),
+        (1920, 3, 4),
+        (1920 + 2880, 6, 8),
+    ]
+    assert decoded_notes(out) == expected_notes(score)
+
+
+def test_time_signature_change_inside_a_bar_takes_effect_at_the_next_bar_line():
+    score = make_score(
+        [(0, False, [(0, 480, 60, 80), (2400, 480, 62, 80), (4800, 480, 64, 80)])],
+        time_sigs=((0, 4, 4), (960, 3, 4)),
+    )
+    out = TOK.decode_score(TOK.encode(score).ids)
+    assert [(t.time, t.numerator) for t in out.time_signatures] == [(0, 4), (1920, 3)]
+    assert decoded_notes(out) == expected_notes(score)
+
+
+def test_notes_at_bar_end_and_long_notes_are_not_clamped():
+    score = make_score([(0, False, [(1920 - 40, 40, 60, 80), (0, 1920 * 3, 48, 80)])])
+    out = TOK.decode_score(TOK.encode(score).ids)
+    assert decoded_notes(out) == expected_notes(score)
+    notes = sorted((n.time, n.duration) for n in out.tracks[0].notes)
+    assert notes == [(0, 1920 * 3), (1880, 40)]
+
+
+def test_tempo_changes_keep_their_time():
+    score = make_score(
+        [(0, False, [(i * 480, 480, 60 + i % 12, 80) for i in range(16)])],
+        tempos=((0, 90.0), (1200, 150.0), (1920 * 2 + 480, 60.0)),
+    )
+    out = TOK.decode_score(TOK.encode(score).ids)
+    assert decoded_tempos(out) == expected_tempos(score)
+    assert [t for t, _ in decoded_tempos(out)] == [0, 30, 2 * 48 + 12]
+
+
+def test_each_track_gets_its_own_channel_and_drums_channel_10():
+    score = make_score(
+        [(p, False, [(0, 480, 60 + p % 12, 80)]) for p in (0, 24, 33, 40, 73)]
+        + [(0, True, [(0, 120, 36, 100)])]
+    )
+    midi = TOK.decode(TOK.encode(score).ids)
+    buf = io.BytesIO()
+    midi.dump(file=buf)
+    parsed = mido.MidiFile(file=io.BytesIO(buf.getvalue()))
+    channel_program = {}
+    drum_channels = set()
+    for track in parsed.tracks:
+        for msg in track:
+            if msg.type == "program_change":
+                channel_program[msg.channel] = msg.program
+            if msg.type == "note_on" and msg.velocity and msg.note == 36 and msg.channel == 9:
+                drum_channels.add(msg.channel)
+    assert drum_channels == {9}
+    pitched = {ch: prog for ch, prog in channel_program.items() if ch != 9}
+    assert sorted(pitched.values()) == [0, 24, 33, 40, 73]
+    assert len(pitched) == 5  # five distinct channels
+
+
+def test_type0_file_with_channels_round_trips_programs_and_drums():
+    from meloformer_model.data.corrupt import smf
+
+    events = [
+        (0, b"\xc0\x18"),
+        (0, b"\xc1\x21"),
+        (0, b"\x90\x3c\x64"),
+        (0, b"\x91\x30\x64"),
+        (0, b"\x99\x24\x64"),
+        (480, b"\x80\x3c\x00"),
+        (0, b"\x81\x30\x00"),
+        (0, b"\x89\x24\x00"),
+    ]
+    seq = TOK.encode(smf([events], fmt=0))
+    tokens = names(seq)
+    assert ["#D", "#P33", "#P24"] == [t for t in tokens if t.startswith("#")]
+    out = TOK.decode_score(seq.ids)
+    assert sorted((t.program, t.is_drum, t.notes[0].pitch) for t in out.tracks) == [
+        (0, True, 36),
+        (24, False, 60),
+        (33, False, 48),
+    ]
+
+
+def test_side_information_is_a_function_of_ids_alone():
+    score = make_score(
+        [
+            (0, False, [(i * 240, 240, 60 + i % 7, 80) for i in range(40)]),
+            (0, True, [(i * 480, 120, 36, 100) for i in range(20)]),
+        ]
+    )
+    seq = TOK.encode(score)
+    again = TOK.side_information(seq.ids)
+    for name, values in seq.arrays().items():
+        np.testing.assert_array_equal(values, again.arrays()[name])
+
+
+def test_unsupported_time_signature_is_a_named_error():
+    score = make_score([(0, False, [(0, 480, 60, 80)])], time_sigs=((0, 13, 16),))
+    with pytest.raises(TokenizeError, match="13/16"):
+        TOK.encode(score)
+
+
+def test_decoder_skips_broken_grammar():
+    v = TOK.vocab
+    ids = [
+        v["BOS"],
+        v["Bar"],
+        v["Pitch_60"],
+        v["#P0"],
+        v["Pos_0"],
+        v["Pitch_60"],
+        v["Dur_12"],
+        v["Vel_20"],
+        v["Pitch_62"],
+        v["Dur_12"],
+        v["Drum_36"],
+        v["Dur_3"],
+        v["Vel_25"],
+        v["EOS"],
+        v["Pitch_70"],
+        v["Dur_12"],
+        v["Vel_20"],
+    ]
+    out = TOK.decode_score(np.asarray(ids))
+    assert [(n.time, n.pitch) for t in out.tracks for n in t.notes] == [(0, 60)]
+
+
+def test_config_rejects_grids_that_cannot_hold_a_bar():
+    with pytest.raises(ValueError, match="5/16"):
+        TokenizerConfig(positions_per_quarter=2, time_signatures=((4, 4), (5, 16)))
+
+
+# ----------------------------------------------------------------------------- real corpus
+def test_round_trip_every_sample_file_note_by_note(sample_files):
+    checked_notes = 0
+    for path in sample_files:
+        score = Score(str(path))
+        seq = TOK.encode(score)
+        out = TOK.decode_score(seq.ids)
+        want = expected_notes(score)
+        got = decoded_notes(out)
+        lost, extra = sum((want - got).values()), sum((got - want).values())
+        assert got == want, f"{path.name}: {lost} notes lost, {extra} extra"
+        assert decoded_tempos(out) == expected_tempos(score), path.name
+        out_ts = [
+            (t.time * PPQ // out.ticks_per_quarter, t.numerator, t.denominator)
+            for t in out.time_signatures
+        ]
+        last_onset = max(k[0] for k in want)
+        assert out_ts == expected_time_signatures(score, last_onset), path.name
+        checked_notes += sum(want.values())
+    assert checked_notes > 100_000
