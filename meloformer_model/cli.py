@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from meloformer_model.atomic import write_bytes_atomic, write_parquet_atomic
-from meloformer_model.data.corpus import inspect_files, report_tables, write_filter_results
+import polars as pl
+
+from meloformer_model.data.corpus import inspect_files, write_filter_results
 from meloformer_model.data.filtering import FilterConfig
 from meloformer_model.data.midi_io import MidiReadError, find_midi_files, load_score, write_midi
 from meloformer_model.data.tokenize_corpus import (
@@ -49,8 +51,8 @@ def cmd_filter(args: argparse.Namespace) -> None:
     if not paths:
         raise CliError(f"no MIDI files found in {', '.join(map(str, args.sources))}")
     config = FilterConfig()
-    reports = inspect_files(paths, config, args.workers, progress=not args.quiet)
-    summary = write_filter_results(reports, Path(args.out), config)
+    frame = inspect_files(paths, config, args.workers, progress=not args.quiet)
+    summary = write_filter_results(frame, Path(args.out), config)
     _print_reasons(summary)
     print(f"wrote {Path(args.out) / 'accepted.parquet'} and {Path(args.out) / 'rejected.parquet'}")
 
@@ -131,10 +133,10 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     if not paths:
         raise CliError(f"no MIDI files found in {', '.join(map(str, args.sources))}")
     filter_config = FilterConfig()
-    reports = inspect_files(paths, filter_config, args.workers, progress=not args.quiet)
-    summary = write_filter_results(reports, out / "filter", filter_config)
+    frame = inspect_files(paths, filter_config, args.workers, progress=not args.quiet)
+    summary = write_filter_results(frame, out / "filter", filter_config)
     _print_reasons(summary)
-    accepted, _ = report_tables(reports)
+    accepted = frame.filter(pl.col("accepted"))
     config = TokenizerConfig()
     results = tokenize_files(accepted["path"].to_list(), config, args.workers, not args.quiet)
     failures = [r.error for r in results if r.error]

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from functools import partial
 from pathlib import Path
 
 import polars as pl
 
 from meloformer_model.atomic import write_bytes_atomic, write_parquet_atomic
-from meloformer_model.data.filtering import FileReport, FilterConfig, inspect_file, mark_duplicates
+from meloformer_model.data.filtering import FileReport, FilterConfig, inspect_file
 from meloformer_model.data.parallel import map_with_progress
 
-ACCEPTED_SCHEMA = {
-    "path": pl.String,
-    "content_hash": pl.String,
+STAT_SCHEMA = {
     "notes": pl.Int64,
     "pitches": pl.Int64,
     "beats": pl.Float64,
@@ -27,64 +24,86 @@ ACCEPTED_SCHEMA = {
     "has_drums": pl.Boolean,
     "cross_bar_rate": pl.Float64,
 }
-REJECTED_SCHEMA = {
+INSPECTION_SCHEMA = {
     "path": pl.String,
+    "accepted": pl.Boolean,
     "reason": pl.String,
     "message": pl.String,
+    "content_hash": pl.String,
     "duplicate_of": pl.String,
+    **STAT_SCHEMA,
 }
+REJECTED_COLUMNS = ("path", "reason", "message", "duplicate_of")
 
 
 def _inspect_path(path: Path, config: FilterConfig) -> FileReport:
     return inspect_file(path, config, path=str(path))
 
 
-def inspect_files(
-    paths: list[Path], config: FilterConfig, workers: int = 1, progress: bool = True
-) -> list[FileReport]:
-    """Inspect files (in order), then mark duplicates of earlier files."""
-    work = partial(_inspect_path, config=config)
-    reports = map_with_progress(work, paths, workers, "filter", progress, chunksize=16)
-    return mark_duplicates(reports) if config.dedup else reports
-
-
-def report_tables(reports: list[FileReport]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(accepted, rejected) tables with fixed schemas, so empty results still have columns."""
-    accepted = [
+def inspection_frame(reports: list[FileReport]) -> pl.DataFrame:
+    """One row per file with a fixed schema, so empty results still have columns."""
+    rows = [
         {
             "path": r.path,
-            "content_hash": r.content_hash,
-            **{k: r.stats.get(k) for k in ACCEPTED_SCHEMA if k not in ("path", "content_hash")},
-        }
-        for r in reports
-        if r.accepted
-    ]
-    rejected = [
-        {
-            "path": r.path,
+            "accepted": r.accepted,
             "reason": r.reason,
             "message": r.message,
-            "duplicate_of": r.stats.get("duplicate_of"),
+            "content_hash": r.content_hash,
+            "duplicate_of": None,
+            **{k: r.stats.get(k) for k in STAT_SCHEMA},
         }
         for r in reports
-        if not r.accepted
     ]
-    return (
-        pl.DataFrame(accepted, schema=ACCEPTED_SCHEMA),
-        pl.DataFrame(rejected, schema=REJECTED_SCHEMA),
+    return pl.DataFrame(rows, schema=INSPECTION_SCHEMA)
+
+
+def mark_duplicates(frame: pl.DataFrame) -> pl.DataFrame:
+    """Reject every accepted row whose content hash an earlier accepted row (in frame order)
+    already has, naming that row's path as the original."""
+    original = (
+        pl.when(pl.col("accepted"))
+        .then(pl.col("path").first().over(pl.col("content_hash"), pl.col("accepted")))
+        .otherwise(None)
     )
+    frame = frame.with_columns(original.alias("_original"))
+    duplicate = pl.col("accepted") & (pl.col("_original") != pl.col("path"))
+    message = pl.format("{}: same note content as {}", pl.col("path"), pl.col("_original"))
+    return frame.with_columns(
+        pl.when(duplicate).then(False).otherwise(pl.col("accepted")).alias("accepted"),
+        pl.when(duplicate).then(pl.lit("duplicate")).otherwise(pl.col("reason")).alias("reason"),
+        pl.when(duplicate).then(message).otherwise(pl.col("message")).alias("message"),
+        pl.when(duplicate)
+        .then(pl.col("_original"))
+        .otherwise(pl.col("duplicate_of"))
+        .alias("duplicate_of"),
+    ).drop("_original")
 
 
-def write_filter_results(reports: list[FileReport], out_dir: Path, config: FilterConfig) -> dict:
+def inspect_files(
+    paths: list[Path], config: FilterConfig, workers: int = 1, progress: bool = True
+) -> pl.DataFrame:
+    """Inspect files (in order) into an inspection frame, duplicates of earlier files marked."""
+    work = partial(_inspect_path, config=config)
+    frame = inspection_frame(map_with_progress(work, paths, workers, "filter", progress, 16))
+    return mark_duplicates(frame) if config.dedup else frame
+
+
+def reason_counts(frame: pl.DataFrame) -> dict[str, int]:
+    counts = frame.filter(~pl.col("accepted")).group_by("reason").len().sort("len", descending=True)
+    return dict(counts.iter_rows())
+
+
+def write_filter_results(frame: pl.DataFrame, out_dir: Path, config: FilterConfig) -> dict:
     """Write accepted.parquet, rejected.parquet and summary.json; return the summary."""
-    accepted, rejected = report_tables(reports)
+    accepted = frame.filter(pl.col("accepted")).drop("accepted", *REJECTED_COLUMNS[1:])
+    rejected = frame.filter(~pl.col("accepted")).select(REJECTED_COLUMNS)
     write_parquet_atomic(accepted, out_dir / "accepted.parquet")
     write_parquet_atomic(rejected, out_dir / "rejected.parquet")
     summary = {
-        "files": len(reports),
+        "files": frame.height,
         "accepted": accepted.height,
         "rejected": rejected.height,
-        "reasons": dict(Counter(rejected["reason"].to_list()).most_common()),
+        "reasons": reason_counts(frame),
         "config": config.to_dict(),
     }
     write_bytes_atomic(out_dir / "summary.json", json.dumps(summary, indent=2).encode())

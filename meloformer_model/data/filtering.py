@@ -315,18 +315,3 @@ def inspect_bytes(
 
 def _public(stats: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in stats.items() if not k.startswith("_")}
-
-
-def mark_duplicates(reports: list[FileReport]) -> list[FileReport]:
-    """Reject every accepted file whose content hash was already seen (in the given order)."""
-    first: dict[str, str] = {}
-    for report in reports:
-        if not report.accepted or report.content_hash is None:
-            continue
-        original = first.setdefault(report.content_hash, report.path)
-        if original != report.path:
-            report.accepted = False
-            report.reason = Reason.DUPLICATE.value
-            report.message = f"{report.path}: same note content as {original}"
-            report.stats["duplicate_of"] = original
-    return reports
