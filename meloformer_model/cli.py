@@ -11,10 +11,9 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-
-from meloformer_model.atomic import write_bytes_atomic, write_parquet_atomic
 import polars as pl
 
+from meloformer_model.atomic import write_bytes_atomic, write_parquet_atomic
 from meloformer_model.data.corpus import inspect_files, write_filter_results
 from meloformer_model.data.filtering import FilterConfig
 from meloformer_model.data.midi_io import MidiReadError, find_midi_files, load_score, write_midi

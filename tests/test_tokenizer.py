@@ -404,3 +404,13 @@ def test_round_trip_every_sample_file_note_by_note(sample_files):
         assert out_ts == expected_time_signatures(score, last_onset), path.name
         checked_notes += sum(want.values())
     assert checked_notes > 100_000
+
+
+def test_precomputed_chords_give_the_same_tokens(sample_files):
+    for path in sample_files[:20]:
+        chords = TOK.bar_chords(path)
+        seq = TOK.encode(path)
+        assert len(chords) == seq.bar.max() + 1
+        np.testing.assert_array_equal(TOK.encode(path, chords=chords).ids, seq.ids)
+    with pytest.raises(TokenizeError, match="chords given"):
+        TOK.encode(sample_files[0], chords=np.zeros(1, dtype=np.int64))

@@ -77,6 +77,17 @@ class _Notes:
     instrument: np.ndarray
 
 
+@dataclass
+class _Layout:
+    """A score's notes on the grid and its bar lines: what chords and tokens are built from."""
+
+    notes: _Notes
+    starts: np.ndarray
+    bar_ts: np.ndarray
+    bounds: np.ndarray
+    end: int
+
+
 def _forward_fill_index(mask: np.ndarray) -> np.ndarray:
     """For each position, the index of the latest position at or before it where mask is set."""
     idx = np.where(mask, np.arange(len(mask)), 0)
@@ -125,11 +136,47 @@ class HIDTokenizer:
         return np.clip((np.asarray(bins) * width + width / 2).astype(np.int64), 1, 127)
 
     # ----------------------------------------------------------------- encoding
-    def encode(self, src: MidiSource | ScoreTick) -> TokenSequence:
-        """Tokenize a MIDI path, bytes, ``miditoolkit.MidiFile`` or symusic score."""
+    def encode(
+        self, src: MidiSource | ScoreTick, chords: np.ndarray | None = None
+    ) -> TokenSequence:
+        """Tokenize a MIDI path, bytes, ``miditoolkit.MidiFile`` or symusic score.
+
+        ``chords`` (one chord id per bar, as from ``bar_chords``) skips chord detection, so a
+        pipeline can annotate chords once and tokenize from the annotation.
+        """
         score = load_score(src)
-        ids = self._encode_ids(score)
-        return self.side_information(ids)
+        layout = self._layout(score)
+        if chords is None:
+            chords = self._detect(layout)
+        elif len(chords) != len(layout.starts):
+            raise TokenizeError(f"{len(chords)} chords given for {len(layout.starts)} bars")
+        return self.side_information(self._encode_ids(score, layout, np.asarray(chords)))
+
+    def bar_chords(self, src: MidiSource | ScoreTick) -> np.ndarray:
+        """One ``CHORD_NAMES`` index per bar, over the same bars the tokens use."""
+        return self._detect(self._layout(load_score(src)))
+
+    def _layout(self, score: ScoreTick) -> _Layout:
+        ppq = self.config.positions_per_quarter
+        notes = self._collect_notes(score, ppq)
+        ts_times, ts_index = self._time_signatures(score, ppq)
+        end = int(notes.onset.max()) + 1 if len(notes.onset) else 1
+        starts, owner = bar_lines(ts_times, self._ts_units[ts_index], end)
+        bar_ts = ts_index[owner]
+        bounds = np.append(starts, starts[-1] + self._ts_units[bar_ts[-1]])
+        return _Layout(notes, starts, bar_ts, bounds, end)
+
+    @staticmethod
+    def _detect(layout: _Layout) -> np.ndarray:
+        notes = layout.notes
+        pitched = notes.instrument != DRUM_INSTRUMENT
+        return detect_chords(
+            notes.onset[pitched],
+            notes.duration[pitched],
+            notes.pitch[pitched],
+            notes.velocity[pitched],
+            layout.bounds,
+        )
 
     def _collect_notes(self, score: ScoreTick, per_quarter: int) -> _Notes:
         tpq = score.ticks_per_quarter
@@ -176,17 +223,10 @@ class HIDTokenizer:
         last_at_time = np.append(times[1:] != times[:-1], True)
         return times[last_at_time], index[last_at_time]
 
-    def _encode_ids(self, score: ScoreTick) -> np.ndarray:
+    def _encode_ids(self, score: ScoreTick, layout: _Layout, chords: np.ndarray) -> np.ndarray:
         cfg, off = self.config, self._off
-        ppq = cfg.positions_per_quarter
-        notes = self._collect_notes(score, ppq)
-        ts_times, ts_index = self._time_signatures(score, ppq)
-        end = int(notes.onset.max()) + 1 if len(notes.onset) else 1
-        starts, owner = bar_lines(ts_times, self._ts_units[ts_index], end)
-        bar_ts = ts_index[owner]
-        lengths = self._ts_units[bar_ts]
+        notes, starts, bar_ts = layout.notes, layout.starts, layout.bar_ts
         n_bars = len(starts)
-        bounds = np.append(starts, starts[-1] + lengths[-1])
 
         # Each token gets a sort key (bar, section, rank, pos, order, k) and an id.
         keys: list[tuple[np.ndarray, ...]] = []
@@ -203,19 +243,13 @@ class HIDTokenizer:
         ts_change = np.append(True, bar_ts[1:] != bar_ts[:-1])
         add(off["time_signature"] + bar_ts[ts_change], bars[ts_change], 1)
 
-        tempo_bar, tempo_pos, tempo_bin = self._tempo_events(score, ppq, starts, end)
+        tempo_bar, tempo_pos, tempo_bin = self._tempo_events(
+            score, cfg.positions_per_quarter, starts, layout.end
+        )
         order = np.arange(len(tempo_bar))
         add(off["position"] + tempo_pos, tempo_bar, 2, 0, tempo_pos, order, 0)
         add(off["tempo"] + tempo_bin, tempo_bar, 2, 0, tempo_pos, order, 1)
 
-        pitched = notes.instrument != DRUM_INSTRUMENT
-        chords = detect_chords(
-            notes.onset[pitched],
-            notes.duration[pitched],
-            notes.pitch[pitched],
-            notes.velocity[pitched],
-            bounds,
-        )
         add(off["chord"] + chords, bars, 3)
 
         if len(notes.onset):
@@ -246,7 +280,7 @@ class HIDTokenizer:
                 npos[onset_first],
                 -1,
             )
-            drum = ~pitched
+            drum = notes.instrument == DRUM_INSTRUMENT
             pitch_ids = np.where(drum, off["drum"], off["pitch"]) + notes.pitch
             for k, token in enumerate(
                 (pitch_ids, off["duration"] + dur_bin, off["velocity"] + vel_bin)
