@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-OUT ?= build/sample
+export DAGSTER_HOME ?= $(CURDIR)/dagster_home
+UI_PORT ?= 3070
 
-.PHONY: run test bench clean
+.PHONY: run test ui bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,11 +14,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# The main job: the whole asset graph on $MELOFORMER_CORPUS_DIR (default: the sample corpus).
 run: $(STAMP)
-	$(BIN)/meloformer prepare sample_corpus --out $(OUT)
+	mkdir -p $(DAGSTER_HOME)
+	$(BIN)/python -m pipelines.run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The Dagster UI on http://127.0.0.1:$(UI_PORT)
+ui: $(STAMP)
+	mkdir -p $(DAGSTER_HOME)
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(UI_PORT)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[test,bench]"

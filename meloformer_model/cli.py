@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -12,15 +11,19 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.compute as pc
 
 from meloformer_model.atomic import write_bytes_atomic, write_parquet_atomic
 from meloformer_model.data.corpus import inspect_files, write_filter_results
 from meloformer_model.data.filtering import FilterConfig
 from meloformer_model.data.midi_io import MidiReadError, find_midi_files, load_score, write_midi
+from meloformer_model.data.parallel import available_cores
 from meloformer_model.data.tokenize_corpus import (
+    TOKEN_COLUMNS,
+    WorkItem,
+    results_table,
     tokenize_files,
-    tokens_table,
-    vocabulary_with_counts,
+    vocabulary_counts,
 )
 from meloformer_model.tokenizer.config import TokenizerConfig
 from meloformer_model.tokenizer.hid import HIDTokenizer, TokenizeError
@@ -29,12 +32,6 @@ from meloformer_model.tokenizer.vocab import FAMILIES
 
 class CliError(Exception):
     """Reported as one line on stderr with exit code 1."""
-
-
-def _default_workers() -> int:
-    return max(
-        1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    )
 
 
 def _print_reasons(summary: dict) -> None:
@@ -137,14 +134,16 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     _print_reasons(summary)
     accepted = frame.filter(pl.col("accepted"))
     config = TokenizerConfig()
-    results = tokenize_files(accepted["path"].to_list(), config, args.workers, not args.quiet)
+    paths = accepted["path"].to_list()
+    items = [WorkItem(Path(p), p) for p in paths]
+    results = tokenize_files(items, config, args.workers, not args.quiet)
     failures = [r.error for r in results if r.error]
     for error in failures:
         print(f"tokenize failed: {error}", file=sys.stderr)
-    hashes = dict(zip(accepted["path"].to_list(), accepted["content_hash"].to_list()))
-    table = tokens_table(results, hashes)
+    keys = {"path": paths, "content_hash": accepted["content_hash"].to_list()}
+    table = results_table(results, TOKEN_COLUMNS, keys).filter(pc.is_null(pc.field("error")))
     write_parquet_atomic(table, out / "tokens.parquet")
-    vocab = vocabulary_with_counts(config, results)
+    vocab = vocabulary_counts(config, [r.arrays["ids"] for r in results if r.arrays])
     vocab.save(out / "vocab.json")
     lengths = np.asarray(table["length"].to_pylist() or [0])
     family_counts = Counter()
@@ -166,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     def corpus_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("sources", nargs="+", help="MIDI files or folders (searched recursively)")
         p.add_argument("--out", required=True, help="output folder")
-        p.add_argument("--workers", type=int, default=_default_workers(), help="processes")
+        p.add_argument("--workers", type=int, default=available_cores(), help="processes")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("filter", help="quality-filter and dedup a corpus into parquet tables")

@@ -1,9 +1,14 @@
-"""Tokenizing a filtered corpus into one Arrow-friendly table, and the vocabulary with counts."""
+"""Chord annotation and tokenization of many files into Arrow tables, and vocabulary counts.
+
+One row per file; a file that fails keeps its row with an ``error`` message and null arrays,
+so a corpus run always accounts for every input.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -13,49 +18,87 @@ from meloformer_model.tokenizer.config import TokenizerConfig
 from meloformer_model.tokenizer.hid import HIDTokenizer
 from meloformer_model.tokenizer.vocab import Vocabulary
 
-SIDE_COLUMNS = ("bar", "instrument", "token_type", "onset_group")
+TOKEN_COLUMNS = {
+    "ids": pa.int32(),
+    "bar": pa.int32(),
+    "instrument": pa.int16(),
+    "token_type": pa.int8(),
+    "onset_group": pa.int32(),
+}
+CHORD_COLUMNS = {"chords": pa.int16()}
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """A file to process: where to read it, the name to report, and optional bar chords."""
+
+    source: Path
+    name: str
+    chords: np.ndarray | None = None
 
 
 @dataclass
-class TokenizedFile:
-    path: str
+class FileResult:
+    name: str
     arrays: dict[str, np.ndarray] | None
     error: str | None
 
 
-def _tokenize_one(path: str, config: TokenizerConfig) -> TokenizedFile:
+def _guarded(item: WorkItem, work) -> FileResult:
     try:
-        seq = HIDTokenizer(config).encode(path)
+        return FileResult(item.name, work(item), None)
     except Exception as exc:  # one bad file must not stop the corpus
-        return TokenizedFile(path, None, f"{path}: {type(exc).__name__}: {exc}")
-    return TokenizedFile(path, seq.arrays(), None)
+        return FileResult(item.name, None, f"{item.name}: {type(exc).__name__}: {exc}")
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(config: TokenizerConfig) -> HIDTokenizer:
+    return HIDTokenizer(config)
+
+
+def _chords_one(item: WorkItem, config: TokenizerConfig) -> FileResult:
+    return _guarded(item, lambda it: {"chords": _tokenizer(config).bar_chords(it.source)})
+
+
+def _tokens_one(item: WorkItem, config: TokenizerConfig) -> FileResult:
+    return _guarded(item, lambda it: _tokenizer(config).encode(it.source, it.chords).arrays())
+
+
+def annotate_chords(
+    items: list[WorkItem], config: TokenizerConfig, workers: int = 1, progress: bool = True
+) -> list[FileResult]:
+    """One chord id per bar for each file, over the tokenizer's own bars."""
+    return map_with_progress(
+        partial(_chords_one, config=config), items, workers, "chords", progress
+    )
 
 
 def tokenize_files(
-    paths: list[str], config: TokenizerConfig, workers: int = 1, progress: bool = True
-) -> list[TokenizedFile]:
-    """Tokenize in order; failures come back as errors, not exceptions."""
-    work = partial(_tokenize_one, config=config)
-    return map_with_progress(work, paths, workers, "tokenize", progress)
+    items: list[WorkItem], config: TokenizerConfig, workers: int = 1, progress: bool = True
+) -> list[FileResult]:
+    """HID token ids and side information for each file (chords reused where given)."""
+    work = partial(_tokens_one, config=config)
+    return map_with_progress(work, items, workers, "tokenize", progress)
 
 
-def tokens_table(results: list[TokenizedFile], content_hashes: dict[str, str]) -> pa.Table:
-    """One row per tokenized file: path, content hash, length, ids and side-information lists."""
-    ok = [r for r in results if r.arrays is not None]
-    columns = {
-        "path": pa.array([r.path for r in ok], pa.string()),
-        "content_hash": pa.array([content_hashes.get(r.path) for r in ok], pa.string()),
-        "length": pa.array([len(r.arrays["ids"]) for r in ok], pa.int32()),
-        "ids": pa.array([r.arrays["ids"] for r in ok], pa.list_(pa.int32())),
-    }
-    for name, kind in zip(SIDE_COLUMNS, (pa.int32(), pa.int16(), pa.int8(), pa.int32())):
-        columns[name] = pa.array([r.arrays[name] for r in ok], pa.list_(kind))
-    return pa.table(columns)
+def results_table(
+    results: list[FileResult], columns: dict[str, pa.DataType], keys: dict[str, list]
+) -> pa.Table:
+    """Rows in result order: ``keys`` columns, error, length, then one list column per array."""
+    data = {name: pa.array(values, pa.string()) for name, values in keys.items()}
+    data["error"] = pa.array([r.error for r in results], pa.string())
+    first = next(iter(columns))
+    data["length"] = pa.array(
+        [None if r.arrays is None else len(r.arrays[first]) for r in results], pa.int32()
+    )
+    for name, kind in columns.items():
+        values = [None if r.arrays is None else r.arrays[name] for r in results]
+        data[name] = pa.array(values, pa.list_(kind))
+    return pa.table(data)
 
 
-def vocabulary_with_counts(config: TokenizerConfig, results: list[TokenizedFile]) -> Vocabulary:
+def vocabulary_counts(config: TokenizerConfig, id_lists: list[np.ndarray]) -> Vocabulary:
     vocab = Vocabulary(config)
-    for result in results:
-        if result.arrays is not None:
-            vocab.add_counts(result.arrays["ids"])
+    for ids in id_lists:
+        vocab.add_counts(ids)
     return vocab

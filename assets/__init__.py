@@ -1,0 +1,1 @@
+"""Dagster asset and asset-check definitions: thin wrappers over ``meloformer_model``."""

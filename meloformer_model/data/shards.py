@@ -1,0 +1,145 @@
+"""Corpus sharding: which files belong to which shard, and which shards a refresh must redo.
+
+A registry (one parquet file) records every source file with its size, mtime and content hash
+and the shard it was assigned to. Size and mtime only decide which files need re-hashing; the
+content hash decides whether work is redone. New files always go to new shards, so a refresh
+that adds files leaves every existing shard (and all work derived from it) untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from meloformer_model.atomic import write_parquet_atomic
+from meloformer_model.data.midi_io import MIDI_SUFFIXES
+
+REGISTRY_SCHEMA = {
+    "path": pl.String,
+    "size": pl.Int64,
+    "mtime_ns": pl.Int64,
+    "file_hash": pl.String,
+    "shard": pl.String,
+}
+DEFAULT_SHARD_SIZE = 256
+
+
+def shard_key(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def file_hash(path: Path) -> str:
+    """Hash of the raw bytes: identical files share it whatever their name or timestamp."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def scan_folder(corpus_dir: Path) -> pl.DataFrame:
+    """Relative path, size and mtime of every MIDI file under the folder (recursively)."""
+    rows = []
+    for root, _, names in os.walk(corpus_dir):
+        for name in names:
+            if not name.lower().endswith(MIDI_SUFFIXES) or name.startswith("."):
+                continue
+            full = Path(root) / name
+            stat = full.stat()
+            rel = full.relative_to(corpus_dir).as_posix()
+            rows.append({"path": rel, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    schema = {k: REGISTRY_SCHEMA[k] for k in ("path", "size", "mtime_ns")}
+    return pl.DataFrame(rows, schema=schema).sort("path")
+
+
+def fingerprint(frame: pl.DataFrame) -> str:
+    """A digest of a (path, file_hash) listing: the corpus's data version."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path, digest_hex in frame.select("path", "file_hash").sort("path").iter_rows():
+        digest.update(f"{path}\0{digest_hex}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class ShardPlan:
+    registry: pl.DataFrame
+    new_shards: list[str]
+    changed_shards: list[str]
+    removed_files: int
+
+    @property
+    def shards(self) -> list[str]:
+        return sorted(self.registry["shard"].unique().to_list())
+
+    @property
+    def to_process(self) -> list[str]:
+        return sorted(set(self.new_shards) | set(self.changed_shards))
+
+
+def load_registry(path: Path) -> pl.DataFrame:
+    if path.exists():
+        return pl.read_parquet(path)
+    return pl.DataFrame(schema=REGISTRY_SCHEMA)
+
+
+def plan_shards(
+    corpus_dir: Path, registry: pl.DataFrame, shard_size: int = DEFAULT_SHARD_SIZE
+) -> ShardPlan:
+    """Compare folder and registry: re-hash touched files, put new files in new shards."""
+    if not corpus_dir.is_dir():
+        raise FileNotFoundError(f"corpus folder {corpus_dir} does not exist")
+    listing = scan_folder(corpus_dir)
+    joined = listing.join(registry, on="path", how="left", suffix="_old")
+    untouched = (pl.col("size") == pl.col("size_old")) & (
+        pl.col("mtime_ns") == pl.col("mtime_ns_old")
+    )
+    joined = joined.with_columns(
+        pl.when(untouched).then(pl.col("file_hash")).otherwise(None).alias("file_hash")
+    )
+    needs_hash = joined.filter(pl.col("file_hash").is_null())["path"].to_list()
+    hashes = {path: file_hash(corpus_dir / path) for path in needs_hash}
+    joined = joined.with_columns(
+        pl.col("file_hash").fill_null(pl.col("path").replace_strict(hashes, default=None))
+    )
+    old_hash = dict(zip(registry["path"].to_list(), registry["file_hash"].to_list()))
+    changed = {
+        shard
+        for path, digest, shard in joined.select("path", "file_hash", "shard").iter_rows()
+        if shard is not None and old_hash.get(path) != digest
+    }
+    present = set(listing["path"].to_list())
+    removed = registry.filter(~pl.col("path").is_in(present))
+    changed |= set(removed["shard"].to_list())
+
+    existing = joined.filter(pl.col("shard").is_not_null())
+    new_files = joined.filter(pl.col("shard").is_null()).sort("path")
+    next_index = _next_shard_index(registry)
+    new_keys = [shard_key(next_index + i // shard_size) for i in range(new_files.height)]
+    new_files = new_files.with_columns(pl.Series("shard", new_keys, dtype=pl.String))
+    columns = list(REGISTRY_SCHEMA)
+    updated = pl.concat([existing.select(columns), new_files.select(columns)]).sort("shard", "path")
+    return ShardPlan(
+        registry=updated,
+        new_shards=sorted(set(new_keys)),
+        changed_shards=sorted(changed & set(updated["shard"].to_list())),
+        removed_files=removed.height,
+    )
+
+
+def _next_shard_index(registry: pl.DataFrame) -> int:
+    if registry.is_empty():
+        return 0
+    return max(int(key.split("-")[1]) for key in registry["shard"].unique().to_list()) + 1
+
+
+def save_registry(registry: pl.DataFrame, path: Path) -> None:
+    write_parquet_atomic(registry, path)
+
+
+def shard_files(registry: pl.DataFrame, shard: str) -> pl.DataFrame:
+    """The (path, file_hash) rows of one shard, in path order."""
+    return registry.filter(pl.col("shard") == shard).select("path", "file_hash").sort("path")

@@ -1,0 +1,1 @@
+"""Dagster definitions, jobs, schedules, sensors and resources for MeloFormer Pipelines."""

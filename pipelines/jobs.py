@@ -1,0 +1,19 @@
+"""Jobs: the per-shard corpus stages, and the corpus-wide vocabulary + dataset."""
+
+import dagster as dg
+
+from assets.corpus import arrow_dataset, chord_annotations, filtered_midi, hid_tokens, vocabulary
+from assets.partitions import midi_shards
+
+shard_job = dg.define_asset_job(
+    "shard_job",
+    selection=dg.AssetSelection.assets(filtered_midi, chord_annotations, hid_tokens),
+    partitions_def=midi_shards,
+    description="Filter, annotate chords and tokenize one corpus shard.",
+)
+
+dataset_job = dg.define_asset_job(
+    "dataset_job",
+    selection=dg.AssetSelection.assets(vocabulary, arrow_dataset),
+    description="Vocabulary and Arrow dataset over all shards, with the dataset checks.",
+)

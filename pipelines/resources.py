@@ -1,0 +1,53 @@
+"""Where the corpus is read from and where artifacts are written."""
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from meloformer_model.data.parallel import available_cores
+from meloformer_model.data.sample_corpus import SAMPLE_CORPUS_DIR
+from meloformer_model.data.shards import DEFAULT_SHARD_SIZE
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+DEFAULT_DAGSTER_HOME = PROJECT_DIR / "dagster_home"
+CORPUS_ENV = "MELOFORMER_CORPUS_DIR"
+DATA_ROOT_ENV = "MELOFORMER_DATA_ROOT"
+
+
+class CorpusStorage(dg.ConfigurableResource):
+    """The source MIDI folder, the artifact root, and how the corpus is cut into shards."""
+
+    corpus_dir: str
+    data_root: str
+    shard_size: int = DEFAULT_SHARD_SIZE
+    workers: int = 0
+
+    @property
+    def corpus_path(self) -> Path:
+        return Path(self.corpus_dir).expanduser().resolve()
+
+    @property
+    def root(self) -> Path:
+        return Path(self.data_root).expanduser().resolve()
+
+    @property
+    def registry_path(self) -> Path:
+        return self.root / "registry.parquet"
+
+    def stage_dir(self, asset: str, version: str) -> Path:
+        """Versioned folder for an asset's artifacts: a config change never overwrites."""
+        return self.root / asset / version
+
+    @property
+    def n_workers(self) -> int:
+        return self.workers or available_cores()
+
+
+def storage_from_env() -> CorpusStorage:
+    """Defaults: the bundled sample corpus and a data folder inside the project's Dagster home."""
+    home = Path(os.environ.get("DAGSTER_HOME") or DEFAULT_DAGSTER_HOME)
+    return CorpusStorage(
+        corpus_dir=os.environ.get(CORPUS_ENV) or str(SAMPLE_CORPUS_DIR),
+        data_root=os.environ.get(DATA_ROOT_ENV) or str(home / "data"),
+    )

@@ -1,0 +1,52 @@
+"""The main job: refresh the shards, run the new or changed ones, then vocabulary and dataset.
+
+``make run`` calls this on the project's Dagster instance (``DAGSTER_HOME``), so every run it
+makes shows up in the UI with its metadata and lineage.
+"""
+
+import argparse
+import sys
+
+import dagster as dg
+
+from assets.corpus import latest_dataset_path
+from pipelines.definitions import defs
+from pipelines.jobs import dataset_job, shard_job
+from pipelines.refresh import plan_refresh
+from pipelines.resources import storage_from_env
+
+
+QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+
+def run_corpus_pipeline(instance: dg.DagsterInstance) -> bool:
+    storage = storage_from_env()
+    refresh = plan_refresh(storage, instance)
+    instance.add_dynamic_partitions("midi_shards", refresh.new_shards)
+    print(f"corpus {storage.corpus_path}: {refresh.files} files, "
+          f"{len(refresh.to_run)} shard(s) to process")  # fmt: skip
+    shards = defs.resolve_job_def(shard_job.name)
+    for shard in refresh.to_run:
+        result = shards.execute_in_process(instance=instance, partition_key=shard, run_config=QUIET)
+        if not result.success:
+            print(f"shard {shard} failed; see the run in the Dagster UI", file=sys.stderr)
+            return False
+        print(f"  {shard}: done")
+    result = defs.resolve_job_def(dataset_job.name).execute_in_process(
+        instance=instance, run_config=QUIET
+    )
+    for evaluation in result.get_asset_check_evaluations():
+        status = "passed" if evaluation.passed else "FAILED"
+        print(f"  check {evaluation.check_name}: {status}")
+    print(f"artifacts under {storage.root}; dataset: {latest_dataset_path(storage)}")
+    return result.success
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args()
+    with dg.DagsterInstance.get() as instance:
+        sys.exit(0 if run_corpus_pipeline(instance) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Notices new or changed MIDI files and requests only the affected shards."""
+
+import dagster as dg
+
+from assets.partitions import midi_shards
+from pipelines.jobs import dataset_job, shard_job
+from pipelines.refresh import plan_refresh
+from pipelines.resources import CorpusStorage
+
+
+@dg.sensor(
+    job=shard_job,
+    minimum_interval_seconds=60,
+    description="Registers new shards and runs the shards whose files were added or changed.",
+)
+def midi_corpus_sensor(context: dg.SensorEvaluationContext, storage: CorpusStorage):
+    refresh = plan_refresh(storage, context.instance)
+    if not refresh.to_run:
+        return dg.SkipReason(f"no new or changed files among {refresh.files}")
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(run_key=None, partition_key=s) for s in refresh.to_run],
+        dynamic_partitions_requests=[midi_shards.build_add_request(refresh.new_shards)],
+    )
+
+
+@dg.run_status_sensor(
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    monitored_jobs=[shard_job],
+    request_job=dataset_job,
+    description="Rebuilds vocabulary and dataset once no shard run is still queued or running.",
+)
+def dataset_after_shards_sensor(context: dg.RunStatusSensorContext):
+    active = context.instance.get_run_records(
+        filters=dg.RunsFilter(
+            job_name=shard_job.name,
+            statuses=[
+                dg.DagsterRunStatus.QUEUED,
+                dg.DagsterRunStatus.STARTING,
+                dg.DagsterRunStatus.STARTED,
+                dg.DagsterRunStatus.NOT_STARTED,
+            ],
+        ),
+        limit=1,
+    )
+    if active:
+        return dg.SkipReason("shard runs still in progress")
+    return dg.RunRequest(run_key=f"dataset-after-{context.dagster_run.run_id}")
