@@ -1,0 +1,272 @@
+"""The corpus asset graph materialized on real music in an ephemeral instance: outputs, metadata,
+checks, refreshes that touch only new or changed shards, sensor and schedule, crash safety."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import datasets
+import polars as pl
+import pytest
+from symusic import Score
+
+from assets import checks
+from assets.corpus import (
+    arrow_dataset,
+    chord_annotations,
+    filtered_midi,
+    hid_tokens,
+    latest_dataset_path,
+    vocabulary,
+)
+from assets.partitions import midi_shards
+from meloformer_model.data.corrupt import CORRUPT_CASES
+from pipelines.refresh import plan_refresh
+from pipelines.resources import CorpusStorage
+from pipelines.schedules import corpus_refresh_schedule
+from pipelines.sensors import midi_corpus_sensor
+
+SHARD_ASSETS = [filtered_midi, chord_annotations, hid_tokens]
+CHECKS = dg.load_asset_checks_from_modules([checks])
+N_GOOD = 40
+SHARD_SIZE = 16
+
+
+def run_shard(storage, instance, shard) -> dg.ExecuteInProcessResult:
+    result = dg.materialize(
+        SHARD_ASSETS, partition_key=shard, instance=instance, resources={"storage": storage}
+    )
+    assert result.success
+    return result
+
+
+def run_dataset(storage, instance) -> dg.ExecuteInProcessResult:
+    result = dg.materialize(
+        [vocabulary, arrow_dataset, *CHECKS], instance=instance, resources={"storage": storage}
+    )
+    assert result.success
+    return result
+
+
+def refresh_and_run(storage, instance) -> list[str]:
+    refresh = plan_refresh(storage, instance)
+    instance.add_dynamic_partitions(midi_shards.name, refresh.new_shards)
+    for shard in refresh.to_run:
+        run_shard(storage, instance, shard)
+    return refresh.to_run
+
+
+def metadata(result, asset) -> dict:
+    events = result.asset_materializations_for_node(asset.op.name)
+    return {k: v.value for k, v in events[-1].metadata.items()}
+
+
+def load_rows(storage) -> dict[str, dict[str, list]]:
+    data = datasets.load_from_disk(str(latest_dataset_path(storage)))
+    return {s: {row["path"]: row["ids"] for row in data[s]} for s in data}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, sample_files):
+    """A corpus of real pieces, an exact duplicate and every corrupt case, fully materialized."""
+    root = tmp_path_factory.mktemp("pipeline")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for path in sample_files[:N_GOOD]:
+        shutil.copy(path, corpus / path.name)
+    shutil.copy(sample_files[0], corpus / "zz_duplicate_of_first.mid")
+    for name, (make, _) in CORRUPT_CASES.items():
+        (corpus / f"broken_{name}.mid").write_bytes(make())
+    storage = CorpusStorage(
+        corpus_dir=str(corpus), data_root=str(root / "data"), shard_size=SHARD_SIZE, workers=2
+    )
+    instance = dg.DagsterInstance.ephemeral()
+    shards = refresh_and_run(storage, instance)
+    result = run_dataset(storage, instance)
+    return storage, instance, shards, result
+
+
+def test_whole_graph_materializes_with_checks_passing(pipeline):
+    storage, instance, shards, result = pipeline
+    n_files = N_GOOD + 1 + len(CORRUPT_CASES)
+    assert shards == [f"shard-{i:05d}" for i in range(-(-n_files // SHARD_SIZE))]
+    assert sorted(instance.get_dynamic_partitions("midi_shards")) == shards
+    evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert evaluations == dict.fromkeys(
+        ["vocabulary_covers_dataset", "splits_do_not_overlap", "sequences_not_empty",
+         "buckets_sum_to_totals"], True)  # fmt: skip
+    rows = load_rows(storage)
+    dataset_paths = {p for split in rows.values() for p in split}
+    filtered = pl.concat(
+        [pl.read_parquet(p) for p in Path(storage.data_root).glob("filtered_midi/*/*.parquet")]
+    )
+    accepted = set(filtered.filter(pl.col("accepted"))["path"])
+    # The copy sits in another shard than its original: accepted there, dropped from the dataset.
+    assert "zz_duplicate_of_first.mid" in accepted
+    assert dataset_paths == accepted - {"zz_duplicate_of_first.mid"}
+    assert len(dataset_paths) >= N_GOOD - 2
+    meta = metadata(result, arrow_dataset)
+    assert sum(meta[f"{s}_sequences"] for s in ("train", "valid", "test")) == len(dataset_paths)
+    assert meta["bucket_size"] == 512 and "| train |" in meta["length_buckets"]
+    manifest = json.loads((latest_dataset_path(storage) / "meloformer_dataset.json").read_text())
+    assert manifest["splits"]["train"]["sequences"] == meta["train_sequences"]
+    assert sum(b["sequences"] for b in manifest["splits"]["train"]["buckets"].values()) == len(
+        rows["train"]
+    )
+
+
+def test_corrupt_files_land_in_the_rejection_table(pipeline):
+    storage, _, shards, _ = pipeline
+    tables = [pl.read_parquet(p) for p in Path(storage.data_root).glob("filtered_midi/*/*.parquet")]
+    frame = pl.concat(tables)
+    reasons = dict(zip(frame["path"], frame["reason"]))
+    for name, (_, reason) in CORRUPT_CASES.items():
+        assert reasons[f"broken_{name}.mid"] == reason.value
+    assert frame.filter(pl.col("accepted")).height >= N_GOOD - 2
+
+
+def test_metadata_reports_reasons_lengths_and_paths(pipeline):
+    storage, instance, shards, _ = pipeline
+    event = instance.get_latest_materialization_event(dg.AssetKey("filtered_midi"))
+    assert event is not None
+    records = instance.fetch_materializations(dg.AssetKey("filtered_midi"), limit=100).records
+    texts = " ".join(
+        str(r.asset_materialization.metadata["rejection_reasons"].value) for r in records
+    )
+    assert "unreadable" in texts and "smpte_division" in texts
+    tokens = instance.get_latest_materialization_event(dg.AssetKey("hid_tokens"))
+    meta = tokens.asset_materialization.metadata
+    assert meta["tokens"].value > 0 and "| tokens |" in meta["length_histogram"].value
+    assert Path(meta["path"].value).exists()
+
+
+def _variant(src: Path, dest: Path, semitones: int) -> None:
+    score = Score(str(src))
+    for track in score.tracks:
+        track.shift_pitch(semitones, inplace=True)
+    score.dump_midi(str(dest))
+
+
+def test_refresh_processes_only_the_new_shard_and_keeps_old_rows(pipeline, sample_files):
+    storage, instance, shards, _ = pipeline
+    before = load_rows(storage)
+    new_names = []
+    for i, path in enumerate(sample_files[N_GOOD : N_GOOD + 5]):
+        name = f"new_{i}.mid"
+        _variant(path, Path(storage.corpus_dir) / name, 2)
+        new_names.append(name)
+    ran = refresh_and_run(storage, instance)
+    assert ran == [f"shard-{len(shards):05d}"]
+    result = run_dataset(storage, instance)
+    meta = metadata(result, arrow_dataset)
+    assert (meta["shards_written"], meta["shards_linked"]) == (1, len(shards))
+    after = load_rows(storage)
+    old = {p: ids for split in before.values() for p, ids in split.items()}
+    new = {p: ids for split in after.values() for p, ids in split.items()}
+    assert set(new) - set(old) == set(new_names)
+    assert all(new[p] == ids for p, ids in old.items())
+    for split in before:  # a piece never changes split
+        assert set(before[split]) <= set(after[split])
+
+
+def test_changed_file_reruns_only_its_shard(pipeline, sample_files):
+    storage, instance, _, _ = pipeline
+    registry = pl.read_parquet(storage.registry_path)
+    target = registry.filter(pl.col("path").str.starts_with("bach")).row(3, named=True)
+    _variant(
+        Path(storage.corpus_dir) / target["path"], Path(storage.corpus_dir) / target["path"], 1
+    )
+    refresh = plan_refresh(storage, instance)
+    assert refresh.to_run == [target["shard"]] and refresh.new_shards == []
+    result = run_shard(storage, instance, target["shard"])
+    meta = metadata(result, filtered_midi)
+    shard_size = registry.filter(pl.col("shard") == target["shard"]).height
+    assert (meta["inspected"], meta["reused"]) == (1, shard_size - 1)
+    assert metadata(result, hid_tokens)["tokenized"] == 1
+
+
+def test_sensor_requests_new_shards_then_skips(tmp_path, sample_files):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in sample_files[:5]:
+        shutil.copy(path, corpus / path.name)
+    storage = CorpusStorage(corpus_dir=str(corpus), data_root=str(tmp_path / "data"), shard_size=3)
+    instance = dg.DagsterInstance.ephemeral()
+    with dg.build_sensor_context(instance=instance, resources={"storage": storage}) as context:
+        result = midi_corpus_sensor(context)
+        keys = ["shard-00000", "shard-00001"]
+        assert [r.partition_key for r in result.run_requests] == keys
+        assert result.dynamic_partitions_requests[0].partition_keys == keys
+        instance.add_dynamic_partitions("midi_shards", keys)
+        assert isinstance(midi_corpus_sensor(context), dg.SkipReason)
+        shutil.copy(sample_files[5], corpus / "later.mid")
+        result = midi_corpus_sensor(context)
+        assert [r.partition_key for r in result.run_requests] == ["shard-00002"]
+
+
+def test_schedule_registers_partitions_and_requests_runs(tmp_path, sample_files):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in sample_files[:4]:
+        shutil.copy(path, corpus / path.name)
+    storage = CorpusStorage(corpus_dir=str(corpus), data_root=str(tmp_path / "data"), shard_size=2)
+    with dg.instance_for_test() as instance:
+        context = dg.build_schedule_context(instance=instance, resources={"storage": storage})
+        requests = corpus_refresh_schedule(context)
+        keys = ["shard-00000", "shard-00001"]
+        assert [r.partition_key for r in requests] == keys
+        assert sorted(instance.get_dynamic_partitions("midi_shards")) == keys
+        assert isinstance(corpus_refresh_schedule(context), dg.SkipReason)
+
+
+KILL_MID_WRITE = """
+import os, signal, sys
+import pyarrow.parquet as pq
+import dagster as dg
+from assets.corpus import filtered_midi
+from pipelines.resources import CorpusStorage
+
+def dying_write(table, where, **kwargs):
+    with open(where, "wb") as fh:
+        fh.write(b"PAR1 half a parquet file")
+        fh.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+pq.write_table = dying_write
+storage = CorpusStorage(corpus_dir=sys.argv[1], data_root=sys.argv[2], shard_size=100, workers=1)
+instance = dg.DagsterInstance.ephemeral()
+instance.add_dynamic_partitions("midi_shards", ["shard-00000"])
+dg.materialize([filtered_midi], partition_key="shard-00000", instance=instance,
+               resources={"storage": storage})
+"""
+
+
+def test_kill_mid_write_leaves_no_artifact_and_rerun_completes(tmp_path, sample_files):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in sample_files[:6]:
+        shutil.copy(path, corpus / path.name)
+    storage = CorpusStorage(
+        corpus_dir=str(corpus), data_root=str(tmp_path / "data"), shard_size=100, workers=1
+    )
+    instance = dg.DagsterInstance.ephemeral()
+    plan_refresh(storage, instance)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_MID_WRITE, str(corpus), str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    outputs = list(Path(storage.data_root).glob("filtered_midi/*/*.parquet"))
+    assert outputs == []  # only a hidden temp file may remain, never a half-written artifact
+    instance.add_dynamic_partitions("midi_shards", ["shard-00000"])
+    result = run_shard(storage, instance, "shard-00000")
+    assert metadata(result, filtered_midi)["files"] == 6
+    assert pl.read_parquet(metadata(result, filtered_midi)["path"]).height == 6
