@@ -15,7 +15,6 @@ from pipelines.jobs import dataset_job, shard_job
 from pipelines.refresh import plan_refresh
 from pipelines.resources import storage_from_env
 
-
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
