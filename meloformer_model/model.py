@@ -1,0 +1,563 @@
+"""MeloFormer: a decoder-only Transformer with MuseFormer-style summary-token sparse attention.
+
+Two streams flow through every layer: the regular tokens (the HID sequence) and one summary
+token per (document, bar). Each layer first *summarizes* (summary queries attend to earlier
+summaries, SS, and to their own bar's regular tokens, SR), projects the updated summaries to
+second-stage keys/values, then *updates* (regular queries attend to summaries of completed
+bars, RS, and sparsely to regular tokens, RR). Which key each query sees is decided by one
+predicate over per-token side information (document, bar, instrument, token type, onset group,
+position), so the dense backend (SDPA with a boolean mask, CPU training) and the flex backend
+(FlexAttention block masks, GPU) cannot disagree. Masks are built once per batch, per sample,
+and shared by all layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from meloformer_model.tokenizer.config import GLOBAL_INSTRUMENT
+from meloformer_model.tokenizer.vocab import TokenType
+
+POSITION, PITCH, DURATION, VELOCITY = (
+    int(TokenType.POSITION),
+    int(TokenType.PITCH),
+    int(TokenType.DURATION),
+    int(TokenType.VELOCITY),
+)
+
+
+@dataclass(frozen=True)
+class AttentionRules:
+    """Which keys a query sees; the rules are config, not code.
+
+    Regular → regular (RR): same document, causal, and either the key's bar is within
+    ``fine_bar_offsets`` of the query's bar, or (``same_instrument_all_bars``) the key has the
+    query's instrument; between note tokens, ``type_rules`` (query type → visible key types) and
+    ``duration_sees_own_onset_group`` further restrict. Global keys (instrument 129), the query's
+    own onset group and the token itself are always visible. Regular → summary (RS): summaries of
+    earlier bars of the document (only those outside the fine offsets when
+    ``summaries_beyond_fine_bars_only``). Summary → summary (SS): earlier summaries when
+    ``summary_sees_earlier_summaries``, and itself. Summary → regular (SR): its own bar's
+    non-global tokens.
+    """
+
+    fine_bar_offsets: tuple[int, ...] = (0, 1, 2, 4)
+    same_instrument_all_bars: bool = True
+    type_rules: tuple[tuple[int, tuple[int, ...]], ...] = (
+        (POSITION, (POSITION, PITCH)),
+        (PITCH, (POSITION, PITCH)),
+        (VELOCITY, (VELOCITY,)),
+    )
+    duration_sees_own_onset_group: bool = True
+    summaries_beyond_fine_bars_only: bool = False
+    summary_sees_earlier_summaries: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AttentionRules:
+        data = dict(data)
+        data["fine_bar_offsets"] = tuple(data["fine_bar_offsets"])
+        data["type_rules"] = tuple((q, tuple(ks)) for q, ks in data["type_rules"])
+        return cls(**data)
+
+
+UPSTREAM_RULES = AttentionRules()
+MUSEFORMER_RULES = AttentionRules(
+    fine_bar_offsets=(0, 1, 2, 4, 8, 12, 16, 24, 32),
+    same_instrument_all_bars=False,
+    type_rules=(),
+    duration_sees_own_onset_group=False,
+    summaries_beyond_fine_bars_only=True,
+    summary_sees_earlier_summaries=False,
+)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    n_layer: int = 6
+    n_embd: int = 256
+    n_head: int = 4
+    n_kv_head: int = 4
+    ffn_hidden: int = 1408
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+    backend: str = "dense"
+    gradient_checkpointing: bool = False
+    rules: AttentionRules = field(default_factory=AttentionRules)
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError("n_embd must divide into n_head heads, n_head into n_kv_head groups")
+        if self.backend not in ("dense", "flex"):
+            raise ValueError(f"backend must be 'dense' or 'flex', not {self.backend!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        data = dict(data)
+        data["rules"] = AttentionRules.from_dict(data["rules"])
+        return cls(**data)
+
+
+# Sizes (design.md §1, head dim 64) plus a tiny one for tests and CPU demos.
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(n_layer=2, n_embd=128, n_head=2, n_kv_head=2, ffn_hidden=352),
+    "small": dict(n_layer=6, n_embd=256, n_head=4, n_kv_head=4, ffn_hidden=1408),
+    "base": dict(n_layer=12, n_embd=512, n_head=8, n_kv_head=8, ffn_hidden=2816),
+    "large": dict(n_layer=16, n_embd=768, n_head=12, n_kv_head=12, ffn_hidden=4096),
+    "xlarge": dict(n_layer=24, n_embd=1024, n_head=16, n_kv_head=16, ffn_hidden=5632),
+}
+
+
+def model_config(size: str, vocab_size: int, **overrides) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab_size, **{**MODEL_SIZES[size], **overrides})
+
+
+def expected_parameters(config: ModelConfig) -> int:
+    """Parameter count from the architecture's arithmetic (embedding tied with the head)."""
+    c, kv = config.n_embd, config.n_kv_head * config.head_dim
+    per_layer = 2 * c * c + 4 * c * kv + 3 * c * config.ffn_hidden + 3 * c
+    return config.vocab_size * c + 2 * c + config.n_layer * per_layer
+
+
+# --------------------------------------------------------------------------------- side info
+@dataclass
+class Stream:
+    """Side information of one stream (B, L): what the mask predicate reads."""
+
+    doc: torch.Tensor
+    bar: torch.Tensor
+    instrument: torch.Tensor
+    token_type: torch.Tensor
+    onset_group: torch.Tensor
+    pos: torch.Tensor
+    summary: torch.Tensor
+
+    def cat(self, other: Stream) -> Stream:
+        return Stream(*(torch.cat([a, b], dim=1) for a, b in zip(self.fields(), other.fields())))
+
+    def fields(self) -> tuple[torch.Tensor, ...]:
+        return (
+            self.doc,
+            self.bar,
+            self.instrument,
+            self.token_type,
+            self.onset_group,
+            self.pos,
+            self.summary,
+        )
+
+    def at(self, b: torch.Tensor, i: torch.Tensor) -> Stream:
+        return Stream(*(t[b, i] for t in self.fields()))
+
+    def expand(self, dim: int) -> Stream:
+        return Stream(*(t.unsqueeze(dim) for t in self.fields()))
+
+
+def regular_stream(
+    bar: torch.Tensor,
+    instrument: torch.Tensor,
+    token_type: torch.Tensor,
+    onset_group: torch.Tensor,
+    doc: torch.Tensor | None = None,
+) -> Stream:
+    """Side information of the regular tokens. ``doc`` (B, T) marks packed documents (-1 =
+    padding); positions restart at 0 in each document, so RoPE is shift-invariant per piece."""
+    batch, length = bar.shape
+    if doc is None:
+        doc = torch.zeros_like(bar)
+    index = torch.arange(length, device=bar.device).expand(batch, length)
+    starts = torch.ones_like(doc, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    first = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
+    pos = torch.where(doc >= 0, index - first, index)
+    return Stream(
+        doc, bar, instrument, token_type, onset_group, pos, torch.zeros_like(bar, dtype=torch.bool)
+    )
+
+
+def summary_stream(regular: Stream) -> Stream:
+    """One summary per (document, bar) present; its position is its bar's last token."""
+    batch = regular.doc.shape[0]
+    rows = []
+    for b in range(batch):
+        valid = regular.doc[b] >= 0
+        key = regular.doc[b][valid] * (1 << 20) + regular.bar[b][valid]
+        ids, inverse = torch.unique(key, return_inverse=True)
+        last = torch.full((len(ids),), -1, dtype=torch.long, device=key.device)
+        last = last.scatter_reduce(0, inverse, regular.pos[b][valid], reduce="amax")
+        rows.append((ids // (1 << 20), ids % (1 << 20), last))
+    width = max(1, max(len(r[0]) for r in rows))
+    doc = torch.full((batch, width), -1, dtype=regular.doc.dtype, device=regular.doc.device)
+    bar = torch.full_like(doc, -1)
+    pos = torch.zeros_like(doc)
+    for b, (d, br, p) in enumerate(rows):
+        doc[b, : len(d)], bar[b, : len(d)], pos[b, : len(d)] = d, br, p
+    pos = torch.where(doc >= 0, pos, -1 - torch.arange(width, device=doc.device))
+    return Stream(
+        doc,
+        bar,
+        torch.full_like(doc, GLOBAL_INSTRUMENT),
+        torch.zeros_like(doc),
+        torch.full_like(doc, -1),
+        pos,
+        torch.ones_like(doc, dtype=torch.bool),
+    )
+
+
+def _any_equal(values: torch.Tensor, options: tuple[int, ...]) -> torch.Tensor:
+    out = torch.zeros_like(values, dtype=torch.bool)
+    for option in options:
+        out = out | (values == option)
+    return out
+
+
+def visible(rules: AttentionRules, q: Stream, k: Stream) -> torch.Tensor:
+    """The mask predicate: may query ``q`` read key ``k``? Elementwise on broadcastable
+    tensors, so it serves the dense mask (broadcast) and FlexAttention's mask_mod (scalars)."""
+    same_doc = (q.doc == k.doc) & (q.doc >= 0)
+    offset = q.bar - k.bar
+    fine = _any_equal(offset, rules.fine_bar_offsets)
+    itself = (q.summary == k.summary) & (q.pos == k.pos) & (q.doc == k.doc)
+
+    # regular → regular
+    bar_ok = fine | ((q.instrument == k.instrument) if rules.same_instrument_all_bars else False)
+    notes = (q.token_type > 0) & (k.token_type > 0)
+    type_ok = torch.ones_like(notes)
+    for query_type, key_types in rules.type_rules:
+        type_ok = type_ok & ((q.token_type != query_type) | _any_equal(k.token_type, key_types))
+    if rules.duration_sees_own_onset_group:
+        type_ok = type_ok & ((q.token_type != DURATION) | (k.onset_group == q.onset_group))
+    type_ok = type_ok | ~notes
+    same_group = (q.onset_group == k.onset_group) & (q.onset_group >= 0)
+    key_global = k.instrument == GLOBAL_INSTRUMENT
+    rr = (k.pos <= q.pos) & ((bar_ok & type_ok) | key_global | same_group)
+
+    # regular → summary of an earlier bar
+    rs = offset > 0
+    if rules.summaries_beyond_fine_bars_only:
+        rs = rs & ~fine
+    # summary → summary, summary → its own bar
+    ss = (offset > 0) if rules.summary_sees_earlier_summaries else torch.zeros_like(rs)
+    sr = (offset == 0) & ~key_global
+
+    by_kind = torch.where(q.summary, torch.where(k.summary, ss, sr), torch.where(k.summary, rs, rr))
+    return (same_doc & by_kind) | itself
+
+
+def dense_mask(rules: AttentionRules, queries: Stream, keys: Stream) -> torch.Tensor:
+    """(B, 1, Q, K) boolean mask for SDPA, built per sample from the batch's own side info."""
+    return visible(rules, queries.expand(2), keys.expand(1)).unsqueeze(1)
+
+
+def flex_block_mask(rules: AttentionRules, queries: Stream, keys: Stream):
+    """FlexAttention block mask from the same predicate (compiled; per sample)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return visible(rules, queries.at(b, q_idx), keys.at(b, kv_idx))
+
+    batch, q_len = queries.doc.shape
+    kv_len = keys.doc.shape[1]
+    return create_block_mask(
+        mask_mod, batch, None, q_len, kv_len, device=queries.doc.device, _compile=True
+    )
+
+
+@dataclass
+class BatchMasks:
+    """Everything the layers need about a batch's structure, built once per batch."""
+
+    regular: Stream
+    summary: Stream
+    summarize: object
+    update: object
+
+
+def build_masks(config: ModelConfig, regular: Stream) -> BatchMasks:
+    summaries = summary_stream(regular)
+    keys = summaries.cat(regular)
+    build = dense_mask if config.backend == "dense" else flex_block_mask
+    return BatchMasks(
+        regular=regular,
+        summary=summaries,
+        summarize=build(config.rules, summaries, keys),
+        update=build(config.rules, regular, keys),
+    )
+
+
+# --------------------------------------------------------------------------------- layers
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x.float() * norm).type_as(x) * self.weight
+
+
+def apply_rope(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotate pairs of channels by angles proportional to position: a true rotation, so norms
+    are preserved and q·k depends only on the position difference. x: (B, H, L, D), pos: (B, L)."""
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = pos.float()[:, None, :, None] * inv_freq
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def attend(q, k, v, mask, backend: str) -> torch.Tensor:
+    """q: (B, H, Q, D); k, v: (B, Hkv, K, D); mask: dense bool or a flex BlockMask."""
+    groups = q.shape[1] // k.shape[1]
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=groups > 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
+
+
+class Block(nn.Module):
+    """Summarize (SS + SR), second-stage summary keys/values, update (RS + RR), SwiGLU."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c, kv = config.n_embd, config.n_kv_head * config.head_dim
+        self.config = config
+        self.norm_attn = RMSNorm(c, config.norm_eps)
+        self.norm_summary = RMSNorm(c, config.norm_eps)
+        self.norm_ffn = RMSNorm(c, config.norm_eps)
+        self.wq = nn.Linear(c, c, bias=False)
+        self.wk = nn.Linear(c, kv, bias=False)
+        self.wv = nn.Linear(c, kv, bias=False)
+        self.wk2 = nn.Linear(c, kv, bias=False)
+        self.wv2 = nn.Linear(c, kv, bias=False)
+        self.wo = nn.Linear(c, c, bias=False)
+        self.ffn = SwiGLU(c, config.ffn_hidden)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], n, self.config.head_dim).transpose(1, 2)
+
+    def _merge(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], self.config.n_embd)
+
+    def qkv(self, x: torch.Tensor, pos: torch.Tensor):
+        cfg = self.config
+        q = apply_rope(self._heads(self.wq(x), cfg.n_head), pos, cfg.rope_base)
+        k = apply_rope(self._heads(self.wk(x), cfg.n_kv_head), pos, cfg.rope_base)
+        return q, k, self._heads(self.wv(x), cfg.n_kv_head)
+
+    def second_stage(self, h_s: torch.Tensor, pos: torch.Tensor):
+        cfg = self.config
+        x = self.norm_summary(h_s)
+        k2 = apply_rope(self._heads(self.wk2(x), cfg.n_kv_head), pos, cfg.rope_base)
+        return k2, self._heads(self.wv2(x), cfg.n_kv_head)
+
+    def forward(self, h_s, h_r, masks: BatchMasks):
+        backend = self.config.backend
+        q_s, k_s, v_s = self.qkv(self.norm_attn(h_s), masks.summary.pos)
+        q_r, k_r, v_r = self.qkv(self.norm_attn(h_r), masks.regular.pos)
+        out_s = attend(
+            q_s, torch.cat([k_s, k_r], 2), torch.cat([v_s, v_r], 2), masks.summarize, backend
+        )
+        h_s = h_s + self.dropout(self.wo(self._merge(out_s)))
+        k2, v2 = self.second_stage(h_s, masks.summary.pos)
+        out_r = attend(q_r, torch.cat([k2, k_r], 2), torch.cat([v2, v_r], 2), masks.update, backend)
+        h_r = h_r + self.dropout(self.wo(self._merge(out_r)))
+        h_s = h_s + self.dropout(self.ffn(self.norm_ffn(h_s)))
+        h_r = h_r + self.dropout(self.ffn(self.norm_ffn(h_r)))
+        return h_s, h_r
+
+
+# --------------------------------------------------------------------------------- model
+class MeloFormer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.summary_embed = nn.Parameter(torch.zeros(config.n_embd))
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.apply(self._init)
+        for block in self.blocks:  # scaled residual projections (GPT-2)
+            for proj in (block.wo, block.ffn.w2):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def with_config(self, **changes) -> MeloFormer:
+        """The same weights under another runtime setting (backend, checkpointing)."""
+        self.config = replace(self.config, **changes)
+        for block in self.blocks:
+            block.config = self.config
+        return self
+
+    def forward(self, ids: torch.Tensor, masks: BatchMasks) -> torch.Tensor:
+        """Logits (B, T, V) for the regular tokens."""
+        h_r = self.embed(ids)
+        batch, n_summary = masks.summary.doc.shape
+        h_s = self.summary_embed.expand(batch, n_summary, -1).to(h_r.dtype)
+        for block in self.blocks:
+            if self.config.gradient_checkpointing and self.training:
+                h_s, h_r = checkpoint(block, h_s, h_r, masks, use_reentrant=False)
+            else:
+                h_s, h_r = block(h_s, h_r, masks)
+        return F.linear(self.norm(h_r), self.embed.weight)
+
+    def loss(self, ids, targets, masks, ignore_index: int = -100) -> torch.Tensor:
+        """Mean cross-entropy per target token (not per batch)."""
+        logits = self(ids, masks)
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index
+        )
+
+
+# --------------------------------------------------------------------------------- decoding
+class _Buffer:
+    """A growing (1, H, L, D) key or value cache."""
+
+    def __init__(self):
+        self.data: torch.Tensor | None = None
+        self.length = 0
+
+    def append(self, x: torch.Tensor) -> torch.Tensor:
+        if self.data is None:
+            self.data = x.new_empty(x.shape[0], x.shape[1], 256, x.shape[3])
+        if self.length + x.shape[2] > self.data.shape[2]:
+            grown = self.data.new_empty(*self.data.shape[:2], 2 * self.data.shape[2], x.shape[3])
+            grown[:, :, : self.length] = self.data[:, :, : self.length]
+            self.data = grown
+        self.data[:, :, self.length : self.length + x.shape[2]] = x
+        self.length += x.shape[2]
+        return self.data[:, :, : self.length]
+
+
+class _Attrs:
+    """Side information of the cached tokens of one stream, in a growing (7, L) tensor."""
+
+    def __init__(self, device):
+        self.data = torch.zeros(7, 256, dtype=torch.long, device=device)
+        self.length = 0
+
+    def append(self, row: tuple[int, ...]) -> Stream:
+        """Add one token; return the one-token query stream for it."""
+        if self.length == self.data.shape[1]:
+            self.data = torch.cat([self.data, torch.zeros_like(self.data)], 1)
+        self.data[:, self.length] = torch.tensor(row, device=self.data.device)
+        self.length += 1
+        return self._stream(self.data[:, self.length - 1 : self.length])
+
+    def stream(self) -> Stream:
+        return self._stream(self.data[:, : self.length])
+
+    @staticmethod
+    def _stream(t: torch.Tensor) -> Stream:
+        t = t.unsqueeze(1)
+        return Stream(t[0], t[1], t[2], t[3], t[4], t[5], t[6].bool())
+
+
+class IncrementalDecoder:
+    """KV-cache decoding of one sequence: the same logits as a full forward pass.
+
+    When the first token of bar b arrives, the summaries of the bars before it are computed
+    through all layers from the cached keys/values (SS + SR), and their second-stage keys and
+    values join the cache that regular tokens read (RS).
+    """
+
+    def __init__(self, model: MeloFormer):
+        self.model = model
+        cfg = model.config
+        if cfg.backend != "dense":
+            raise ValueError("incremental decoding uses the dense backend")
+        n = cfg.n_layer
+        self.r_k, self.r_v = [_Buffer() for _ in range(n)], [_Buffer() for _ in range(n)]
+        self.s_k, self.s_v = [_Buffer() for _ in range(n)], [_Buffer() for _ in range(n)]
+        self.s_k2, self.s_v2 = [_Buffer() for _ in range(n)], [_Buffer() for _ in range(n)]
+        device = model.embed.weight.device
+        self.regular, self.summaries = _Attrs(device), _Attrs(device)
+        self.summarized = -1
+        self.last_bar = -1
+        self.pos = 0
+
+    def _row_mask(self, query: Stream, keys: Stream) -> torch.Tensor:
+        return visible(self.model.config.rules, query.expand(2), keys.expand(1)).unsqueeze(1)
+
+    def _summarize(self, bar: int) -> None:
+        model = self.model
+        q_attr = self.summaries.append((0, bar, GLOBAL_INSTRUMENT, 0, -1, self.pos - 1, 1))
+        keys = self.summaries.stream().cat(self.regular.stream())
+        mask = self._row_mask(q_attr, keys)
+        h = model.summary_embed.view(1, 1, -1)
+        for i, block in enumerate(model.blocks):
+            q, k, v = block.qkv(block.norm_attn(h), q_attr.pos)
+            ks = torch.cat([self.s_k[i].append(k), self._data(self.r_k[i], k)], 2)
+            vs = torch.cat([self.s_v[i].append(v), self._data(self.r_v[i], v)], 2)
+            h = h + block.wo(block._merge(attend(q, ks, vs, mask, "dense")))
+            k2, v2 = block.second_stage(h, q_attr.pos)
+            self.s_k2[i].append(k2)
+            self.s_v2[i].append(v2)
+            h = h + block.ffn(block.norm_ffn(h))
+
+    @torch.no_grad()
+    def step(self, token: int, bar: int, instrument: int, token_type: int, onset_group: int):
+        """Feed one token with its side information; return its next-token logits (V,)."""
+        model = self.model
+        device = model.embed.weight.device
+        if bar > self.last_bar >= 0:
+            for done in range(self.summarized + 1, bar):
+                self._summarize(done)
+            self.summarized = bar - 1
+        self.last_bar = max(self.last_bar, bar)
+        q_attr = self.regular.append((0, bar, instrument, token_type, onset_group, self.pos, 0))
+        self.pos += 1
+        mask = self._row_mask(q_attr, self.summaries.stream().cat(self.regular.stream()))
+        h = model.embed(torch.tensor([[token]], device=device))
+        for i, block in enumerate(model.blocks):
+            q, k, v = block.qkv(block.norm_attn(h), q_attr.pos)
+            ks = torch.cat([self._data(self.s_k2[i], k), self.r_k[i].append(k)], 2)
+            vs = torch.cat([self._data(self.s_v2[i], v), self.r_v[i].append(v)], 2)
+            h = h + block.wo(block._merge(attend(q, ks, vs, mask, "dense")))
+            h = h + block.ffn(block.norm_ffn(h))
+        return F.linear(model.norm(h), model.embed.weight)[0, 0]
+
+    @staticmethod
+    def _data(buffer: _Buffer, like: torch.Tensor) -> torch.Tensor:
+        if buffer.data is None:
+            return like[:, :, :0]
+        return buffer.data[:, :, : buffer.length]

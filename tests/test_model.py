@@ -1,0 +1,246 @@
+"""MeloFormer: causality, document isolation, per-sample masks, mask/backend agreement, RoPE,
+KV-cache decoding, parameter counts. Real token sequences from the sample corpus."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from meloformer_model.model import (
+    MODEL_SIZES,
+    MUSEFORMER_RULES,
+    IncrementalDecoder,
+    MeloFormer,
+    ModelConfig,
+    apply_rope,
+    build_masks,
+    dense_mask,
+    expected_parameters,
+    model_config,
+    regular_stream,
+    summary_stream,
+)
+from meloformer_model.tokenizer.config import GLOBAL_INSTRUMENT
+from meloformer_model.tokenizer.hid import HIDTokenizer
+
+TOK = HIDTokenizer()
+V = len(TOK.vocab)
+
+
+def tensors(seq, length=None):
+    cut = slice(0, length)
+    return [torch.tensor(np.asarray(a)[cut], dtype=torch.long)[None] for a in
+            (seq.ids, seq.bar, seq.instrument, seq.token_type, seq.onset_group)]  # fmt: skip
+
+
+def forward(model, ids, bar, inst, ttype, group, doc=None):
+    masks = build_masks(model.config, regular_stream(bar, inst, ttype, group, doc))
+    with torch.no_grad():
+        return model(ids, masks)
+
+
+@pytest.fixture(scope="module")
+def pieces(sample_files):
+    return [TOK.encode(p) for p in sample_files[:40:8]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return MeloFormer(model_config("tiny", V)).eval()
+
+
+def test_causality_on_real_sequences(model, pieces):
+    rng = np.random.default_rng(0)
+    for seq in pieces[:3]:
+        length = min(len(seq), 400)
+        ids, *side = tensors(seq, length)
+        base = forward(model, ids, *side)[0]
+        for t in rng.integers(5, length - 5, size=3):
+            changed = seq.ids[:length].copy()
+            changed[t:] = rng.integers(0, V, size=length - t)
+            side2 = tensors(TOK.side_information(changed))
+            after = forward(model, *side2)[0]
+            torch.testing.assert_close(after[:t], base[:t], rtol=0, atol=1e-5)
+            assert (after[t:] - base[t:]).abs().max() > 1e-3  # the change is visible later
+
+
+def _pack(a, b):
+    return [torch.cat([x, y], dim=1) for x, y in zip(a, b)]
+
+
+def test_packed_documents_are_isolated(model, pieces):
+    first, second = tensors(pieces[0], 300), tensors(pieces[1], 250)
+    ids, bar, inst, ttype, group = _pack(first, second)
+    doc = torch.cat([torch.zeros(1, 300), torch.ones(1, 250)], dim=1).long()
+    packed = forward(model, ids, bar, inst, ttype, group, doc)[0]
+    alone_first = forward(model, *first)[0]
+    alone_second = forward(model, *second)[0]
+    torch.testing.assert_close(packed[:300], alone_first, rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed[300:], alone_second, rtol=0, atol=1e-5)
+    other = tensors(pieces[2], 250)
+    ids2, bar2, inst2, ttype2, group2 = _pack(first, other)
+    changed = forward(model, ids2, bar2, inst2, ttype2, group2, doc)[0]
+    torch.testing.assert_close(changed[:300], packed[:300], rtol=0, atol=1e-5)
+
+
+def test_each_sample_gets_its_own_mask(model, pieces):
+    a, b = tensors(pieces[0], 320), tensors(pieces[3], 200)
+    padded = []
+    for x, y in zip(a, b):
+        y = F.pad(y, (0, 120), value=0)
+        padded.append(torch.cat([x, y], dim=0))
+    doc = torch.zeros(2, 320, dtype=torch.long)
+    doc[1, 200:] = -1
+    both = forward(model, *padded, doc)
+    torch.testing.assert_close(both[0], forward(model, *a)[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(both[1, :200], forward(model, *b)[0], rtol=0, atol=1e-5)
+
+
+def reference_visible(rules, q, k):
+    """The rules written out per pair, independently of the vectorised predicate."""
+    if (q["summary"], q["pos"], q["doc"]) == (k["summary"], k["pos"], k["doc"]):
+        return True  # itself
+    if q["doc"] < 0 or q["doc"] != k["doc"]:
+        return False
+    offset = q["bar"] - k["bar"]
+    fine = offset in rules.fine_bar_offsets
+    if q["summary"] and k["summary"]:
+        return rules.summary_sees_earlier_summaries and offset > 0
+    if q["summary"]:
+        return offset == 0 and k["instrument"] != GLOBAL_INSTRUMENT
+    if k["summary"]:
+        return offset > 0 and not (rules.summaries_beyond_fine_bars_only and fine)
+    if k["pos"] > q["pos"]:
+        return False
+    if k["instrument"] == GLOBAL_INSTRUMENT:
+        return True
+    if q["onset_group"] >= 0 and q["onset_group"] == k["onset_group"]:
+        return True
+    bars = fine or (rules.same_instrument_all_bars and q["instrument"] == k["instrument"])
+    types = True
+    if q["token_type"] > 0 and k["token_type"] > 0:
+        allowed = dict(rules.type_rules)
+        if q["token_type"] in allowed and k["token_type"] not in allowed[q["token_type"]]:
+            types = False
+        if rules.duration_sees_own_onset_group and q["token_type"] == 3:
+            types = types and k["onset_group"] == q["onset_group"]
+    return bars and types
+
+
+def _rows(stream, b=0):
+    names = ("doc", "bar", "instrument", "token_type", "onset_group", "pos", "summary")
+    return [dict(zip(names, (int(t[b, i]) for t in stream.fields())))
+            for i in range(stream.doc.shape[1])]  # fmt: skip
+
+
+@pytest.mark.parametrize("rules_name", ["upstream", "museformer"])
+def test_dense_mask_matches_the_rules_entry_by_entry(pieces, rules_name):
+    rules = MUSEFORMER_RULES if rules_name == "museformer" else ModelConfig(V).rules
+    # a long stretch so bar offsets beyond 4 and 32 occur
+    ids, bar, inst, ttype, group = tensors(pieces[4], 700)
+    regular = regular_stream(bar, inst, ttype, group)
+    summaries = summary_stream(regular)
+    keys = summaries.cat(regular)
+    for queries in (regular, summaries):
+        mask = dense_mask(rules, queries, keys)[0, 0]
+        q_rows, k_rows = _rows(queries), _rows(keys)
+        expected = torch.tensor([[reference_visible(rules, q, k) for k in k_rows] for q in q_rows])
+        assert torch.equal(mask, expected)
+        assert mask.any(dim=1).all()  # no empty row
+    density = dense_mask(rules, regular, keys).float().mean().item()
+    assert 0.01 < density < 0.5
+
+
+def test_sdpa_matches_a_naive_per_token_attention(pieces):
+    ids, bar, inst, ttype, group = tensors(pieces[1], 200)
+    regular = regular_stream(bar, inst, ttype, group)
+    keys = summary_stream(regular).cat(regular)
+    mask = dense_mask(ModelConfig(V).rules, regular, keys)
+    torch.manual_seed(1)
+    q = torch.randn(1, 2, 200, 16)
+    k, v = torch.randn(1, 2, keys.doc.shape[1], 16), torch.randn(1, 2, keys.doc.shape[1], 16)
+    fast = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    naive = torch.zeros_like(q)
+    for h in range(2):
+        for i in range(200):
+            cols = mask[0, 0, i].nonzero().flatten()
+            weights = torch.softmax(q[0, h, i] @ k[0, h, cols].T / math.sqrt(16), dim=0)
+            naive[0, h, i] = weights @ v[0, h, cols]
+    torch.testing.assert_close(fast, naive, rtol=1e-4, atol=1e-5)
+
+
+def test_rope_is_a_rotation_and_shift_invariant():
+    torch.manual_seed(2)
+    x = torch.randn(1, 2, 50, 64)
+    pos = torch.arange(50)[None]
+    rotated = apply_rope(x, pos, 10000.0)
+    torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1), rtol=1e-5, atol=1e-5)
+    q, k = torch.randn(1, 1, 1, 64), torch.randn(1, 1, 1, 64)
+    for p, r in ((7, 3), (40, 12)):
+        score = (
+            apply_rope(q, torch.tensor([[p]]), 1e4) * apply_rope(k, torch.tensor([[r]]), 1e4)
+        ).sum()
+        for shift in (1, 100, 1000):
+            moved = apply_rope(q, torch.tensor([[p + shift]]), 1e4) * apply_rope(
+                k, torch.tensor([[r + shift]]), 1e4
+            )
+            torch.testing.assert_close(moved.sum(), score, rtol=1e-4, atol=1e-4)
+
+
+def test_kv_cache_decoding_equals_full_forward(model, pieces):
+    seq = pieces[2]
+    length = 520
+    ids, *side = tensors(seq, length)
+    full = forward(model, ids, *side)[0]
+    decoder = IncrementalDecoder(model)
+    steps = [
+        decoder.step(int(seq.ids[i]), int(seq.bar[i]), int(seq.instrument[i]),
+                     int(seq.token_type[i]), int(seq.onset_group[i]))
+        for i in range(length)
+    ]  # fmt: skip
+    torch.testing.assert_close(torch.stack(steps), full, rtol=1e-4, atol=1e-4)
+    assert int(seq.bar[length - 1]) >= 5  # several summaries were computed on the way
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(pieces):
+    ids, *side = tensors(pieces[0], 256)
+    grads = []
+    for flag in (False, True):
+        torch.manual_seed(3)
+        model = MeloFormer(model_config("tiny", V, gradient_checkpointing=flag)).train()
+        masks = build_masks(model.config, regular_stream(*(s[:, :-1] for s in side)))
+        loss = model.loss(ids[:, :-1], ids[:, 1:], masks)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_parameter_counts_per_size():
+    for size in MODEL_SIZES:
+        config = model_config(size, V)
+        with torch.device("meta"):
+            count = MeloFormer(config).num_parameters()
+        print(f"{size:7s} {count / 1e6:8.2f} M parameters")
+        assert count == expected_parameters(config)
+    # small: 6 x (q, o, k, v, k2, v2 + SwiGLU + 3 norms) + embedding + 2 norms
+    assert (
+        expected_parameters(model_config("small", V))
+        == 6 * (6 * 256**2 + 3 * 256 * 1408 + 3 * 256) + V * 256 + 2 * 256
+    )
+    gqa = model_config("base", V, n_kv_head=2)
+    assert expected_parameters(gqa) < expected_parameters(model_config("base", V))
+    assert ModelConfig.from_dict(gqa.to_dict()) == gqa
+
+
+def test_grouped_query_attention_runs_and_is_causal(pieces):
+    torch.manual_seed(4)
+    model = MeloFormer(model_config("tiny", V, n_head=4, n_kv_head=2)).eval()
+    ids, *side = tensors(pieces[0], 200)
+    base = forward(model, ids, *side)[0]
+    changed = ids.clone()
+    changed[0, 150:] = 7
+    after = forward(model, changed, *tensors(TOK.side_information(changed[0].numpy()))[1:])[0]
+    torch.testing.assert_close(after[:150], base[:150], rtol=0, atol=1e-5)
