@@ -13,6 +13,7 @@ and shared by all layers.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field, replace
 
@@ -336,13 +337,18 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
 def attend(q, k, v, mask, backend: str) -> torch.Tensor:
     """q: (B, H, Q, D); k, v: (B, Hkv, K, D); mask: dense bool or a flex BlockMask."""
     groups = q.shape[1] // k.shape[1]
     if backend == "flex":
-        from torch.nn.attention.flex_attention import flex_attention
-
-        return flex_attention(q, k, v, block_mask=mask, enable_gqa=groups > 1)
+        return _compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=groups > 1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
 
 
