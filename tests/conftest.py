@@ -14,3 +14,13 @@ def sample_files() -> list[Path]:
     files = find_midi_files([SAMPLE_CORPUS_DIR])
     assert len(files) >= 300, f"sample corpus at {SAMPLE_CORPUS_DIR} has only {len(files)} files"
     return files
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """The sample corpus as an Arrow dataset and vocabulary, built once per test session."""
+    from meloformer_model.data.pipeline import prepare_corpus
+    from meloformer_model.data.sample_corpus import SAMPLE_CORPUS_DIR
+
+    root = tmp_path_factory.mktemp("prepared")
+    return prepare_corpus(SAMPLE_CORPUS_DIR, root, workers=2)

@@ -1,0 +1,116 @@
+"""Checkpoints without pickle: safetensors for tensors, JSON for everything else.
+
+A checkpoint folder holds ``model.safetensors``, ``optimizer.safetensors`` (moments and RNG
+state), ``config.json`` (model, training and tokenizer configs: enough to rebuild the model
+anywhere) and ``state.json`` (step, data position, scheduler, losses). It is written to a temp
+folder and renamed, so a crash never leaves half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from meloformer_model.model import MeloFormer, ModelConfig
+from meloformer_model.tokenizer.config import TokenizerConfig
+
+BEST = "best.json"
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            tensors[f"{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    return tensors
+
+
+def save_checkpoint(
+    folder: Path,
+    model: MeloFormer,
+    optimizer: torch.optim.Optimizer,
+    configs: dict,
+    state: dict,
+) -> Path:
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, tmp / "model.safetensors")
+        save_file(_optimizer_tensors(optimizer), tmp / "optimizer.safetensors")
+        groups = [{k: v for k, v in g.items() if k != "params"}
+                  for g in optimizer.state_dict()["param_groups"]]  # fmt: skip
+        (tmp / "config.json").write_text(json.dumps(configs, indent=2))
+        (tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[MeloFormer, dict]:
+    """Rebuild the model from a checkpoint's own config; return it with all stored configs."""
+    folder = Path(folder)
+    configs = json.loads((folder / "config.json").read_text())
+    model = MeloFormer(ModelConfig.from_dict(configs["model"]))
+    model.load_state_dict(load_file(folder / "model.safetensors", device=str(device)))
+    return model.to(device), configs
+
+
+def tokenizer_config(configs: dict) -> TokenizerConfig:
+    return TokenizerConfig.from_dict(configs["tokenizer"])
+
+
+def restore_training(
+    folder: Path, model: MeloFormer, optimizer: torch.optim.Optimizer, device
+) -> dict:
+    """Load weights, optimizer moments and RNG state in place; return the saved state."""
+    folder = Path(folder)
+    model.load_state_dict(load_file(folder / "model.safetensors", device=str(device)))
+    tensors = load_file(folder / "optimizer.safetensors")
+    state = json.loads((folder / "state.json").read_text())
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("rng."):
+            continue
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = value.to(device) if value.ndim else value
+    saved = optimizer.state_dict()
+    for group, stored in zip(saved["param_groups"], state["param_groups"]):
+        group.update(stored)
+    optimizer.load_state_dict({"state": per_param, "param_groups": saved["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return state
+
+
+def checkpoints(root: Path) -> list[Path]:
+    return sorted(p for p in Path(root).glob("step-*") if p.is_dir())
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints and the best one."""
+    best = best_checkpoint(root)
+    for folder in checkpoints(root)[:-keep_last]:
+        if folder != best:
+            shutil.rmtree(folder)
+
+
+def best_checkpoint(root: Path) -> Path | None:
+    pointer = Path(root) / BEST
+    if not pointer.exists():
+        return None
+    return Path(root) / json.loads(pointer.read_text())["checkpoint"]

@@ -1,0 +1,126 @@
+"""Packed training batches from the memory-mapped Arrow dataset.
+
+Every batch has the same shape (batch × seq_len), so one compiled shape serves a whole run.
+Documents longer than a row are cut into row-sized windows; windows are shuffled with a seeded
+generator per epoch and packed greedily into rows with document ids, which the model's masks
+use to keep documents apart. The plan of an epoch is a pure function of (seed, epoch), so a
+resumed run skips to the exact batch it stopped at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SIDE = ("bar", "instrument", "token_type", "onset_group")
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor
+    targets: torch.Tensor
+    doc: torch.Tensor
+    bar: torch.Tensor
+    instrument: torch.Tensor
+    token_type: torch.Tensor
+    onset_group: torch.Tensor
+
+    def to(self, device) -> Batch:
+        return Batch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
+
+    @property
+    def side(self) -> tuple[torch.Tensor, ...]:
+        return (self.bar, self.instrument, self.token_type, self.onset_group, self.doc)
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+
+def windows(lengths: np.ndarray, seq_len: int) -> np.ndarray:
+    """(doc, start, end) windows of at most seq_len tokens covering every document."""
+    rows = []
+    for doc, length in enumerate(np.asarray(lengths).tolist()):
+        for start in range(0, max(length - 1, 1), seq_len):
+            rows.append((doc, start, min(start + seq_len, length)))
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+
+
+def pack(pieces: np.ndarray, seq_len: int) -> list[list[tuple[int, int, int]]]:
+    """Greedy packing in the given order: a row is closed when the next piece does not fit."""
+    rows: list[list[tuple[int, int, int]]] = []
+    current: list[tuple[int, int, int]] = []
+    used = 0
+    for doc, start, end in pieces.tolist():
+        if used + (end - start) > seq_len and current:
+            rows.append(current)
+            current, used = [], 0
+        current.append((doc, start, end))
+        used += end - start
+    if current:
+        rows.append(current)
+    return rows
+
+
+class PackedLoader:
+    """Batches of packed rows over a ``datasets.Dataset`` split (memory-mapped, not copied).
+
+    ``shuffle=False`` keeps document order (validation). ``rank``/``world`` give each DDP
+    process every world-th batch of the same plan.
+    """
+
+    def __init__(self, split, batch_size: int, seq_len: int, seed: int = 0, shuffle: bool = True,
+                 rank: int = 0, world: int = 1):  # fmt: skip
+        self.table = split.data.table if hasattr(split.data, "table") else split.data
+        self.columns = {name: self.table.column(name) for name in ("ids", *SIDE)}
+        self.lengths = np.asarray(self.table.column("length").to_numpy(), dtype=np.int64)
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.seed, self.shuffle = seed, shuffle
+        self.rank, self.world = rank, world
+        self._windows = windows(self.lengths, seq_len)
+
+    def plan(self, epoch: int) -> list[list[list[tuple[int, int, int]]]]:
+        pieces = self._windows
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(pieces))
+            pieces = pieces[order]
+        rows = pack(pieces, self.seq_len)
+        n = len(rows) // self.batch_size if self.shuffle else -(-len(rows) // self.batch_size)
+        batches = [rows[i * self.batch_size : (i + 1) * self.batch_size] for i in range(n)]
+        return batches[self.rank :: self.world]
+
+    def __len__(self) -> int:
+        return len(self.plan(0))
+
+    def _doc(self, name: str, doc: int) -> np.ndarray:
+        return self.columns[name][doc].values.to_numpy(zero_copy_only=False)
+
+    def make(self, rows: list[list[tuple[int, int, int]]]) -> Batch:
+        shape = (len(rows), self.seq_len)
+        arrays = {name: np.zeros(shape, dtype=np.int64) for name in ("ids", *SIDE)}
+        targets = np.full(shape, IGNORE, dtype=np.int64)
+        docs = np.full(shape, -1, dtype=np.int64)
+        for r, row in enumerate(rows):
+            at = 0
+            for d, (doc, start, end) in enumerate(row):
+                n = end - start
+                ids = self._doc("ids", doc)
+                arrays["ids"][r, at : at + n] = ids[start:end]
+                for name in SIDE:
+                    arrays[name][r, at : at + n] = self._doc(name, doc)[start:end]
+                nxt = ids[start + 1 : end + 1]
+                targets[r, at : at + len(nxt)] = nxt
+                docs[r, at : at + n] = d
+                at += n
+        as_tensor = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        return Batch(as_tensor["ids"], torch.from_numpy(targets), torch.from_numpy(docs),
+                     *(as_tensor[name] for name in SIDE))  # fmt: skip
+
+    def epoch(self, epoch: int, skip: int = 0):
+        """Yield (index, batch) for one epoch, starting after ``skip`` batches."""
+        for index, rows in enumerate(self.plan(epoch)):
+            if index >= skip:
+                yield index, self.make(rows)
