@@ -158,6 +158,43 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'tokens.parquet'}, {out / 'vocab.json'} ({len(vocab)} tokens)")
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    from meloformer_model.generation import (
+        SamplingConfig,
+        generate,
+        prompt_from_midi,
+        prompt_from_scratch,
+        write_outputs,
+    )
+    from meloformer_model.training.checkpoint import load_model, tokenizer_config
+
+    try:
+        model, configs = load_model(Path(args.checkpoint))
+    except (OSError, KeyError, ValueError) as exc:
+        raise CliError(f"{args.checkpoint}: not a MeloFormer checkpoint ({exc})") from exc
+    tokenizer = HIDTokenizer(tokenizer_config(configs))
+    if args.prompt:
+        try:
+            prompt = prompt_from_midi(tokenizer, args.prompt, args.prompt_bars)
+        except (MidiReadError, TokenizeError) as exc:
+            raise CliError(str(exc)) from exc
+    else:
+        num, den = (int(x) for x in args.time_signature.split("/"))
+        prompt = prompt_from_scratch(tokenizer, args.tempo, (num, den))
+    sampling = SamplingConfig(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        max_tokens=args.max_tokens,
+        bars=args.bars,
+        seed=args.seed,
+    )
+    ids = generate(model, tokenizer, prompt, sampling, args.instruments)
+    score = write_outputs(tokenizer, ids, Path(args.output), args.piano_roll)
+    notes, tracks = score.note_num(), len(score.tracks)
+    print(f"{len(ids)} tokens, {notes} notes in {tracks} tracks -> {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meloformer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +222,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("generate", help="sample a piece from a trained checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (step-NNNNNNN)")
+    p.add_argument("-o", "--output", required=True, help="MIDI file to write")
+    p.add_argument("--prompt", help="MIDI file to continue (default: start from scratch)")
+    p.add_argument("--prompt-bars", type=int, help="use only the first N bars of the prompt")
+    p.add_argument("--bars", type=int, default=16, help="bars to generate")
+    p.add_argument("--instruments", type=int, nargs="+", help="GM programs allowed (128 = drums)")
+    p.add_argument("--tempo", type=float, default=120.0)
+    p.add_argument("--time-signature", default="4/4")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--piano-roll", action="store_true", help="also write a piano-roll PNG")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("inspect", help="bars, chords and tokens of a MIDI file, readable")
     p.add_argument("file")

@@ -455,115 +455,107 @@ class MeloFormer(nn.Module):
 
 
 # --------------------------------------------------------------------------------- decoding
-class _Buffer:
-    """A growing (1, H, L, D) key or value cache."""
+class _Growing:
+    """A tensor that grows along one dimension (doubling), for caches of unknown length."""
 
-    def __init__(self):
+    def __init__(self, dim: int):
+        self.dim = dim
         self.data: torch.Tensor | None = None
         self.length = 0
 
     def append(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[self.dim]
         if self.data is None:
-            self.data = x.new_empty(x.shape[0], x.shape[1], 256, x.shape[3])
-        if self.length + x.shape[2] > self.data.shape[2]:
-            grown = self.data.new_empty(*self.data.shape[:2], 2 * self.data.shape[2], x.shape[3])
-            grown[:, :, : self.length] = self.data[:, :, : self.length]
-            self.data = grown
-        self.data[:, :, self.length : self.length + x.shape[2]] = x
-        self.length += x.shape[2]
-        return self.data[:, :, : self.length]
+            shape = list(x.shape)
+            shape[self.dim] = max(256, n)
+            self.data = x.new_empty(shape)
+        if self.length + n > self.data.shape[self.dim]:
+            self.data = torch.cat([self.data, torch.empty_like(self.data)], self.dim)
+        self.data.narrow(self.dim, self.length, n).copy_(x)
+        self.length += n
+        return self.view()
+
+    def view(self) -> torch.Tensor:
+        return self.data.narrow(self.dim, 0, self.length)
 
 
-class _Attrs:
-    """Side information of the cached tokens of one stream, in a growing (7, L) tensor."""
-
-    def __init__(self, device):
-        self.data = torch.zeros(7, 256, dtype=torch.long, device=device)
-        self.length = 0
-
-    def append(self, row: tuple[int, ...]) -> Stream:
-        """Add one token; return the one-token query stream for it."""
-        if self.length == self.data.shape[1]:
-            self.data = torch.cat([self.data, torch.zeros_like(self.data)], 1)
-        self.data[:, self.length] = torch.tensor(row, device=self.data.device)
-        self.length += 1
-        return self._stream(self.data[:, self.length - 1 : self.length])
-
-    def stream(self) -> Stream:
-        return self._stream(self.data[:, : self.length])
-
-    @staticmethod
-    def _stream(t: torch.Tensor) -> Stream:
-        t = t.unsqueeze(1)
-        return Stream(t[0], t[1], t[2], t[3], t[4], t[5], t[6].bool())
+def _decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
+    """One query position against the cache: plain math beats SDPA's overhead at this size."""
+    batch, heads, _, dim = q.shape
+    groups = heads // k.shape[1]
+    q = q.view(batch, k.shape[1], groups, dim)
+    scores = torch.einsum("bhgd,bhkd->bhgk", q, k) / math.sqrt(dim)
+    scores = scores.masked_fill(~mask.view(batch, 1, 1, -1), float("-inf"))
+    out = torch.einsum("bhgk,bhkd->bhgd", torch.softmax(scores, dim=-1), v)
+    return out.reshape(batch, heads, 1, dim)
 
 
 class IncrementalDecoder:
     """KV-cache decoding of one sequence: the same logits as a full forward pass.
 
-    When the first token of bar b arrives, the summaries of the bars before it are computed
-    through all layers from the cached keys/values (SS + SR), and their second-stage keys and
-    values join the cache that regular tokens read (RS).
+    Keys are cached in arrival order, summaries interleaved with regular tokens (attention does
+    not care about key order as long as the mask follows it). Per layer there are two caches:
+    the keys summaries read (regular + first-stage summary keys) and the keys regular tokens
+    read (regular + second-stage summary keys). When the first token of bar b arrives, the
+    summaries of the bars before it are computed through all layers and appended.
     """
 
     def __init__(self, model: MeloFormer):
         self.model = model
-        cfg = model.config
-        if cfg.backend != "dense":
-            raise ValueError("incremental decoding uses the dense backend")
-        n = cfg.n_layer
-        self.r_k, self.r_v = [_Buffer() for _ in range(n)], [_Buffer() for _ in range(n)]
-        self.s_k, self.s_v = [_Buffer() for _ in range(n)], [_Buffer() for _ in range(n)]
-        self.s_k2, self.s_v2 = [_Buffer() for _ in range(n)], [_Buffer() for _ in range(n)]
-        device = model.embed.weight.device
-        self.regular, self.summaries = _Attrs(device), _Attrs(device)
+        n = model.config.n_layer
+        self.summarize_k = [_Growing(2) for _ in range(n)]
+        self.summarize_v = [_Growing(2) for _ in range(n)]
+        self.update_k = [_Growing(2) for _ in range(n)]
+        self.update_v = [_Growing(2) for _ in range(n)]
+        self.attrs = _Growing(1)
         self.summarized = -1
         self.last_bar = -1
         self.pos = 0
 
-    def _row_mask(self, query: Stream, keys: Stream) -> torch.Tensor:
-        return visible(self.model.config.rules, query.expand(2), keys.expand(1)).unsqueeze(1)
+    def _add(self, row: tuple[int, ...]) -> tuple[Stream, torch.Tensor]:
+        """Append a key's side information; return its query stream and its mask row."""
+        device = self.model.embed.weight.device
+        keys = self.attrs.append(torch.tensor(row, device=device).view(7, 1))
+        query = _stream(keys[:, -1:])
+        mask = visible(self.model.config.rules, query.expand(2), _stream(keys).expand(1))
+        return query, mask
 
     def _summarize(self, bar: int) -> None:
         model = self.model
-        q_attr = self.summaries.append((0, bar, GLOBAL_INSTRUMENT, 0, -1, self.pos - 1, 1))
-        keys = self.summaries.stream().cat(self.regular.stream())
-        mask = self._row_mask(q_attr, keys)
+        query, mask = self._add((0, bar, GLOBAL_INSTRUMENT, 0, -1, self.pos - 1, 1))
         h = model.summary_embed.view(1, 1, -1)
         for i, block in enumerate(model.blocks):
-            q, k, v = block.qkv(block.norm_attn(h), q_attr.pos)
-            ks = torch.cat([self.s_k[i].append(k), self._data(self.r_k[i], k)], 2)
-            vs = torch.cat([self.s_v[i].append(v), self._data(self.r_v[i], v)], 2)
-            h = h + block.wo(block._merge(attend(q, ks, vs, mask, "dense")))
-            k2, v2 = block.second_stage(h, q_attr.pos)
-            self.s_k2[i].append(k2)
-            self.s_v2[i].append(v2)
+            q, k, v = block.qkv(block.norm_attn(h), query.pos)
+            ks, vs = self.summarize_k[i].append(k), self.summarize_v[i].append(v)
+            h = h + block.wo(block._merge(_decode_attend(q, ks, vs, mask)))
+            k2, v2 = block.second_stage(h, query.pos)
+            self.update_k[i].append(k2)
+            self.update_v[i].append(v2)
             h = h + block.ffn(block.norm_ffn(h))
 
     @torch.no_grad()
     def step(self, token: int, bar: int, instrument: int, token_type: int, onset_group: int):
         """Feed one token with its side information; return its next-token logits (V,)."""
         model = self.model
-        device = model.embed.weight.device
         if bar > self.last_bar >= 0:
             for done in range(self.summarized + 1, bar):
                 self._summarize(done)
             self.summarized = bar - 1
         self.last_bar = max(self.last_bar, bar)
-        q_attr = self.regular.append((0, bar, instrument, token_type, onset_group, self.pos, 0))
+        query, mask = self._add((0, bar, instrument, token_type, onset_group, self.pos, 0))
         self.pos += 1
-        mask = self._row_mask(q_attr, self.summaries.stream().cat(self.regular.stream()))
-        h = model.embed(torch.tensor([[token]], device=device))
+        h = model.embed(torch.tensor([[token]], device=model.embed.weight.device))
         for i, block in enumerate(model.blocks):
-            q, k, v = block.qkv(block.norm_attn(h), q_attr.pos)
-            ks = torch.cat([self._data(self.s_k2[i], k), self.r_k[i].append(k)], 2)
-            vs = torch.cat([self._data(self.s_v2[i], v), self.r_v[i].append(v)], 2)
-            h = h + block.wo(block._merge(attend(q, ks, vs, mask, "dense")))
+            q, k, v = block.qkv(block.norm_attn(h), query.pos)
+            self.summarize_k[i].append(k)
+            self.summarize_v[i].append(v)
+            ks, vs = self.update_k[i].append(k), self.update_v[i].append(v)
+            h = h + block.wo(block._merge(_decode_attend(q, ks, vs, mask)))
             h = h + block.ffn(block.norm_ffn(h))
         return F.linear(model.norm(h), model.embed.weight)[0, 0]
 
-    @staticmethod
-    def _data(buffer: _Buffer, like: torch.Tensor) -> torch.Tensor:
-        if buffer.data is None:
-            return like[:, :, :0]
-        return buffer.data[:, :, : buffer.length]
+
+def _stream(t: torch.Tensor) -> Stream:
+    """Side information rows (7, L) as a one-sample stream."""
+    t = t.unsqueeze(1)
+    return Stream(t[0], t[1], t[2], t[3], t[4], t[5], t[6].bool())

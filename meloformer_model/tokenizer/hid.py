@@ -78,7 +78,7 @@ class _Notes:
 
 
 @dataclass
-class _Layout:
+class Layout:
     """A score's notes on the grid and its bar lines: what chords and tokens are built from."""
 
     notes: _Notes
@@ -145,7 +145,7 @@ class HIDTokenizer:
         pipeline can annotate chords once and tokenize from the annotation.
         """
         score = load_score(src)
-        layout = self._layout(score)
+        layout = self.layout(score)
         if chords is None:
             chords = self._detect(layout)
         elif len(chords) != len(layout.starts):
@@ -154,9 +154,9 @@ class HIDTokenizer:
 
     def bar_chords(self, src: MidiSource | ScoreTick) -> np.ndarray:
         """One ``CHORD_NAMES`` index per bar, over the same bars the tokens use."""
-        return self._detect(self._layout(load_score(src)))
+        return self._detect(self.layout(load_score(src)))
 
-    def _layout(self, score: ScoreTick) -> _Layout:
+    def layout(self, score: ScoreTick) -> Layout:
         ppq = self.config.positions_per_quarter
         notes = self._collect_notes(score, ppq)
         ts_times, ts_index = self._time_signatures(score, ppq)
@@ -164,10 +164,10 @@ class HIDTokenizer:
         starts, owner = bar_lines(ts_times, self._ts_units[ts_index], end)
         bar_ts = ts_index[owner]
         bounds = np.append(starts, starts[-1] + self._ts_units[bar_ts[-1]])
-        return _Layout(notes, starts, bar_ts, bounds, end)
+        return Layout(notes, starts, bar_ts, bounds, end)
 
     @staticmethod
-    def _detect(layout: _Layout) -> np.ndarray:
+    def _detect(layout: Layout) -> np.ndarray:
         notes = layout.notes
         pitched = notes.instrument != DRUM_INSTRUMENT
         return detect_chords(
@@ -223,7 +223,7 @@ class HIDTokenizer:
         last_at_time = np.append(times[1:] != times[:-1], True)
         return times[last_at_time], index[last_at_time]
 
-    def _encode_ids(self, score: ScoreTick, layout: _Layout, chords: np.ndarray) -> np.ndarray:
+    def _encode_ids(self, score: ScoreTick, layout: Layout, chords: np.ndarray) -> np.ndarray:
         cfg, off = self.config, self._off
         notes, starts, bar_ts = layout.notes, layout.starts, layout.bar_ts
         n_bars = len(starts)

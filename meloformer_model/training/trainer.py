@@ -224,7 +224,7 @@ def train(
             with autocast():
                 loss, _ = forward_loss(wrapped, batch)
             (loss * world / targets).backward()
-            total += float(loss)
+            total += float(loss.detach())
             tokens_seen += int((batch.doc >= 0).sum())
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip))
         optimizer.step()

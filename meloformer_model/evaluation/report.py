@@ -1,0 +1,214 @@
+"""The evaluation report: validation perplexity (per token and per token family), generated
+pieces against held-out real ones on the musical metrics, piano rolls, sample MIDI files, and an
+HTML + Markdown report that links its images instead of inlining them."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from meloformer_model.atomic import write_bytes_atomic
+from meloformer_model.data.midi_io import write_midi
+from meloformer_model.evaluation import metrics
+from meloformer_model.evaluation.plots import save_comparison, save_loss_curve
+from meloformer_model.generation import SamplingConfig, generate
+from meloformer_model.model import build_masks, regular_stream
+from meloformer_model.tokenizer.hid import HIDTokenizer
+from meloformer_model.tokenizer.vocab import FAMILIES, Vocabulary
+from meloformer_model.training.checkpoint import load_model, tokenizer_config
+from meloformer_model.training.data import IGNORE, PackedLoader
+from meloformer_model.training.trainer import unigram_loss
+
+
+@torch.no_grad()
+def family_perplexity(model, loader: PackedLoader, vocab: Vocabulary) -> dict:
+    """Per-token perplexity overall and per family of the *target* token."""
+    model.eval()
+    loss_sum = np.zeros(len(FAMILIES))
+    count = np.zeros(len(FAMILIES))
+    for _, batch in loader.epoch(0):
+        masks = build_masks(model.config, regular_stream(*batch.side))
+        logits = model(batch.ids, masks)
+        targets = batch.targets.flatten()
+        keep = targets != IGNORE
+        losses = F.cross_entropy(
+            logits.flatten(0, 1)[keep].float(), targets[keep], reduction="none"
+        )
+        families = vocab.family_of(targets[keep].numpy())
+        np.add.at(loss_sum, families, losses.numpy())
+        np.add.at(count, families, 1)
+    total = loss_sum.sum() / max(count.sum(), 1)
+    per_family = {
+        f: {"tokens": int(count[i]), "perplexity": math.exp(loss_sum[i] / count[i])}
+        for i, f in enumerate(FAMILIES)
+        if count[i]
+    }
+    return {
+        "loss": total,
+        "perplexity": math.exp(total),
+        "tokens": int(count.sum()),
+        "families": per_family,
+    }
+
+
+@dataclass
+class Evaluation:
+    summary: dict
+    html: Path
+    markdown: Path
+    figures: list[Path]
+    samples: list[Path]
+
+    def short_markdown(self) -> str:
+        s = self.summary
+        lines = [
+            f"**validation perplexity** {s['validation']['perplexity']:.2f} "
+            f"(loss {s['validation']['loss']:.3f} nats/token, unigram {s['unigram_loss']:.3f})",
+            f"**similarity error** {s['comparison']['similarity_error']:.4f}, "
+            f"**pitch-class overlap** {s['comparison']['pitch_class_overlap']:.3f}",
+            f"{len(self.samples)} sample MIDI files; full report: {self.html}",
+        ]
+        return "\n\n".join(lines)
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    dataset_path: Path,
+    vocab: Vocabulary,
+    out_dir: Path,
+    pieces: int = 4,
+    prompt_bars: int = 2,
+    bars: int = 6,
+    sampling: SamplingConfig | None = None,
+) -> Evaluation:
+    """Everything the report shows, written under ``out_dir``."""
+    sampling = sampling or SamplingConfig(top_k=32, max_tokens=1500)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, configs = load_model(checkpoint)
+    tokenizer = HIDTokenizer(tokenizer_config(configs))
+    data = datasets.load_from_disk(str(dataset_path))
+    seq_len = configs["train"]["seq_len"]
+    validation = family_perplexity(
+        model, PackedLoader(data["valid"], 4, seq_len, shuffle=False), vocab
+    )
+    held_out = data["test"] if len(data["test"]) else data["valid"]
+    real_scores, gen_scores, figures, samples = [], [], [], []
+    for i in range(min(pieces, len(held_out))):
+        row = held_out[i]
+        ids = np.asarray(row["ids"])
+        bar = np.asarray(row["bar"])
+        cut = int(np.searchsorted(bar, prompt_bars, side="left"))
+        end = int(np.searchsorted(bar, prompt_bars + bars, side="left"))
+        real_ids = np.append(ids[:end], tokenizer.vocab["EOS"])
+        config = SamplingConfig(**{**sampling.__dict__, "bars": bars, "seed": sampling.seed + i})
+        generated = generate(model, tokenizer, ids[:cut].tolist(), config)
+        real_score, gen_score = tokenizer.decode_score(real_ids), tokenizer.decode_score(generated)
+        real_scores.append(real_score)
+        gen_scores.append(gen_score)
+        stem = Path(row["path"]).stem
+        samples.append(write_midi(gen_score, out_dir / f"generated_{i}_{stem}.mid"))
+        write_midi(real_score, out_dir / f"real_{i}_{stem}.mid")
+        figures.append(save_comparison(real_score, gen_score, out_dir / f"pianoroll_{i}.png"))
+    comparison = metrics.compare_sets(
+        [metrics.piece(tokenizer, s) for s in gen_scores],
+        [metrics.piece(tokenizer, s) for s in real_scores],
+    )
+    state = json.loads((Path(checkpoint) / "state.json").read_text())
+    baseline = unigram_loss(vocab)
+    figures.insert(0, save_loss_curve(state["history"], out_dir / "loss_curve.png", baseline))
+    summary = {
+        "checkpoint": str(checkpoint),
+        "dataset": str(dataset_path),
+        "validation": validation,
+        "unigram_loss": baseline,
+        "comparison": comparison,
+        "pieces": len(samples),
+        "prompt_bars": prompt_bars,
+        "generated_bars": bars,
+    }
+    write_bytes_atomic(out_dir / "evaluation.json", json.dumps(summary, indent=2).encode())
+    markdown = _markdown(summary)
+    md_path = write_bytes_atomic(out_dir / "report.md", markdown.encode())
+    html_path = write_bytes_atomic(
+        out_dir / "report.html", _html(summary, figures, samples).encode()
+    )
+    return Evaluation(summary, html_path, md_path, figures, samples)
+
+
+def _metric_rows(summary: dict) -> list[tuple[str, str, str]]:
+    rows = [
+        (name, f"{v['real']:.3f}", f"{v['generated']:.3f}")
+        for name, v in summary["comparison"]["metrics"].items()
+    ]
+    return rows
+
+
+def _markdown(summary: dict) -> str:
+    v = summary["validation"]
+    lines = [
+        "# MeloFormer evaluation",
+        "",
+        f"Checkpoint `{summary['checkpoint']}`, dataset `{summary['dataset']}`.",
+        "",
+        f"Validation: **perplexity {v['perplexity']:.2f}** ({v['loss']:.3f} nats/token over "
+        f"{v['tokens']} tokens; unigram baseline {summary['unigram_loss']:.3f}).",
+        "",
+        "| token family | tokens | perplexity |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {f} | {x['tokens']} | {x['perplexity']:.2f} |" for f, x in v["families"].items()]
+    lines += [
+        "",
+        f"{summary['pieces']} pieces: {summary['prompt_bars']} bars of a held-out piece "
+        f"as prompt, {summary['generated_bars']} bars generated.",
+        "",
+        "| metric | real | generated |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in _metric_rows(summary)]
+    c = summary["comparison"]
+    lines += [
+        "",
+        f"Pitch-class histogram overlap: {c['pitch_class_overlap']:.3f}; "
+        f"similarity error (SE): {c['similarity_error']:.4f}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _html(summary: dict, figures: list[Path], samples: list[Path]) -> str:
+    v = summary["validation"]
+    families = "".join(
+        f"<tr><td>{html.escape(f)}</td><td>{x['tokens']}</td><td>{x['perplexity']:.2f}</td></tr>"
+        for f, x in v["families"].items()
+    )
+    rows = "".join(
+        f"<tr><td>{a}</td><td>{b}</td><td>{c}</td></tr>" for a, b, c in _metric_rows(summary)
+    )
+    images = "".join(
+        f'<figure><img src="{p.name}" alt="{p.stem}"><figcaption>{p.stem}</figcaption></figure>'
+        for p in figures
+    )
+    links = "".join(f'<li><a href="{p.name}">{p.name}</a></li>' for p in samples)
+    c = summary["comparison"]
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>MeloFormer evaluation</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px}}img{{max-width:100%}}.big{{font-size:1.4em}}</style>
+</head><body><h1>MeloFormer evaluation</h1>
+<p>Checkpoint <code>{html.escape(summary["checkpoint"])}</code></p>
+<p class="big">Validation perplexity <b>{v["perplexity"]:.2f}</b> ({v["loss"]:.3f} nats/token,
+unigram baseline {summary["unigram_loss"]:.3f})</p>
+<table><tr><th>token family</th><th>tokens</th><th>perplexity</th></tr>{families}</table>
+<h2>Generated vs held-out real music</h2>
+<p>Pitch-class overlap <b>{c["pitch_class_overlap"]:.3f}</b>, similarity error
+<b>{c["similarity_error"]:.4f}</b></p>
+<table><tr><th>metric</th><th>real</th><th>generated</th></tr>{rows}</table>
+<h2>Samples</h2><ul>{links}</ul>{images}</body></html>"""

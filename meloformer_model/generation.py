@@ -1,0 +1,221 @@
+"""Sampling with the KV cache, under the HID grammar, so every generated sequence decodes.
+
+Each step masks the logits to the tokens the grammar allows next (bar structure, meta events,
+instrument order, increasing positions inside the bar, pitch → duration → velocity), samples
+with temperature / top-k / top-p, and derives the new token's side information with the
+tokenizer's own ``side_information`` — the same rules the model was trained with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from meloformer_model.data.midi_io import MidiSource, load_score
+from meloformer_model.model import IncrementalDecoder, MeloFormer
+from meloformer_model.tokenizer.config import DRUM_INSTRUMENT, instrument_rank_table
+from meloformer_model.tokenizer.hid import HIDTokenizer
+from meloformer_model.tokenizer.vocab import FAMILIES
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_tokens: int = 4096
+    bars: int = 16
+    seed: int = 0
+
+
+@dataclass
+class _State:
+    """Where the sequence is in the grammar."""
+
+    phase: str = "start"
+    bar_units: int = 48
+    meta_pos: int = -1
+    instrument: int = -1
+    rank: int = -1
+    note_pos: int = -1
+    bars: int = 0
+    instruments_used: set[int] = field(default_factory=set)
+
+
+class Grammar:
+    """The set of allowed next tokens, updated token by token."""
+
+    def __init__(self, tokenizer: HIDTokenizer, instruments: list[int] | None = None):
+        self.tok = tokenizer
+        self.vocab = tokenizer.vocab
+        self.ranks = instrument_rank_table()
+        self.allowed_instruments = set(range(129)) if instruments is None else set(instruments)
+        self.state = _State()
+        cfg = tokenizer.config
+        self.ts_units = [cfg.bar_units(n, d) for n, d in cfg.time_signatures]
+        self.state.bar_units = cfg.bar_units(*cfg.default_time_signature)
+
+    def _range(self, family: str) -> np.ndarray:
+        start, end = self.vocab.family_ranges[family]
+        return np.arange(start, end)
+
+    def allowed(self, bars_left: int) -> np.ndarray:
+        """Ids allowed next."""
+        s, v = self.state, self.vocab
+        off = self.vocab.offset
+        if s.phase == "start":
+            return np.array([v["BOS"]])
+        if s.phase == "bos":
+            return np.array([v["Bar"]])
+        if s.phase == "bar":
+            allowed = [self._range("time_signature"), self._range("chord")]
+            allowed.append(off("position") + np.arange(0, s.bar_units))
+            return np.concatenate(allowed)
+        if s.phase in ("ts", "tempo"):
+            start = s.meta_pos + 1
+            return np.concatenate([self._range("chord"),
+                                   off("position") + np.arange(start, s.bar_units)])  # fmt: skip
+        if s.phase == "meta_pos":
+            return self._range("tempo")
+        end = np.array([v["Bar"]] if bars_left > 0 else [v["EOS"]])
+        later = [i for i in sorted(self.allowed_instruments, key=lambda i: self.ranks[i])
+                 if self.ranks[i] > s.rank and i not in s.instruments_used]  # fmt: skip
+        insts = off("instrument") + np.asarray(later, dtype=np.int64)
+        if s.phase == "chord":
+            return np.concatenate([insts, end])
+        if s.phase == "instrument":
+            return off("position") + np.arange(0, s.bar_units)
+        pitches = self._range("drum" if s.instrument == DRUM_INSTRUMENT else "pitch")
+        if s.phase == "note_pos":
+            return pitches
+        if s.phase == "pitch":
+            return self._range("duration")
+        if s.phase == "duration":
+            return self._range("velocity")
+        # after a velocity: another note at this onset, a later onset, another instrument, or end
+        positions = off("position") + np.arange(s.note_pos + 1, s.bar_units)
+        return np.concatenate([pitches, positions, insts, end])
+
+    def advance(self, token: int) -> None:
+        s, fam = self.state, FAMILIES[int(self.vocab.family_of(np.array([token]))[0])]
+        value = token - self.vocab.offset(fam)
+        if fam == "special":
+            s.phase = "bos"
+        elif fam == "bar":
+            s.phase, s.meta_pos, s.rank, s.note_pos = "bar", -1, -1, -1
+            s.instrument, s.instruments_used = -1, set()
+            s.bars += 1
+        elif fam == "time_signature":
+            s.phase, s.bar_units = "ts", self.ts_units[value]
+        elif fam == "position" and s.phase in ("bar", "ts", "tempo"):
+            s.phase, s.meta_pos = "meta_pos", value
+        elif fam == "tempo":
+            s.phase = "tempo"
+        elif fam == "chord":
+            s.phase = "chord"
+        elif fam == "instrument":
+            s.phase, s.instrument, s.rank = "instrument", value, int(self.ranks[value])
+            s.instruments_used.add(value)
+            s.note_pos = -1
+        elif fam == "position":
+            s.phase, s.note_pos = "note_pos", value
+        elif fam in ("pitch", "drum"):
+            s.phase = "pitch"
+        elif fam == "duration":
+            s.phase = "duration"
+        elif fam == "velocity":
+            s.phase = "velocity"
+
+
+def _sample(logits: torch.Tensor, allowed: np.ndarray, config: SamplingConfig, gen) -> int:
+    masked = torch.full_like(logits, float("-inf"))
+    index = torch.as_tensor(allowed, dtype=torch.long)
+    masked[index] = logits[index].float() / max(config.temperature, 1e-5)
+    if config.top_k and config.top_k < len(allowed):
+        kth = torch.topk(masked, config.top_k).values[-1]
+        masked[masked < kth] = float("-inf")
+    probs = torch.softmax(masked, dim=-1)
+    if config.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, 0) - sorted_probs < config.top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def prompt_from_scratch(
+    tokenizer: HIDTokenizer, tempo_bpm: float = 120.0, time_signature: tuple[int, int] = (4, 4)
+) -> list[int]:
+    """BOS, the first bar, its time signature and tempo: the rest is the model's."""
+    v = tokenizer.vocab
+    tempo = int(tokenizer.tempo_bin([tempo_bpm])[0])
+    num, den = time_signature
+    return [v["BOS"], v["Bar"], v[f"TimeSig_{num}/{den}"], v["Pos_0"],
+            v.offset("tempo") + tempo]  # fmt: skip
+
+
+def prompt_from_midi(
+    tokenizer: HIDTokenizer, src: MidiSource, bars: int | None = None
+) -> list[int]:
+    """A file's tokens (its first ``bars`` bars, if given), without EOS, to be continued."""
+    seq = tokenizer.encode(load_score(src))
+    ids = seq.ids[:-1]
+    if bars is not None:
+        ids = ids[: np.searchsorted(seq.bar[:-1], bars, side="left")]
+    return ids.tolist()
+
+
+@torch.no_grad()
+def generate(
+    model: MeloFormer,
+    tokenizer: HIDTokenizer,
+    prompt: list[int],
+    config: SamplingConfig = SamplingConfig(),
+    instruments: list[int] | None = None,
+) -> np.ndarray:
+    """Continue ``prompt`` by ``config.bars`` bars (or until ``max_tokens``); returns all ids."""
+    model.eval()
+    decoder = IncrementalDecoder(model)
+    grammar = Grammar(tokenizer, instruments)
+    gen = torch.Generator().manual_seed(config.seed)
+    ids: list[int] = []
+    logits = None
+    for token in prompt:
+        logits = _feed(decoder, tokenizer, grammar, ids, token)
+    prompt_bars = grammar.state.bars
+    target_bars = prompt_bars + config.bars
+    eos = tokenizer.vocab["EOS"]
+    while True:
+        over_budget = len(ids) >= config.max_tokens
+        allowed = grammar.allowed(0 if over_budget else target_bars - grammar.state.bars)
+        if over_budget and eos in allowed:
+            allowed = np.array([eos])
+        token = _sample(logits, allowed, config, gen)
+        if token == eos:
+            ids.append(token)
+            return np.asarray(ids, dtype=np.int64)
+        logits = _feed(decoder, tokenizer, grammar, ids, token)
+
+
+def _feed(decoder, tokenizer, grammar, ids: list[int], token: int) -> torch.Tensor:
+    ids.append(token)
+    grammar.advance(token)
+    side = tokenizer.side_information(np.asarray(ids))
+    return decoder.step(token, int(side.bar[-1]), int(side.instrument[-1]),
+                        int(side.token_type[-1]), int(side.onset_group[-1]))  # fmt: skip
+
+
+def write_outputs(tokenizer: HIDTokenizer, ids: np.ndarray, out: Path, piano_roll: bool = False):
+    """Write the MIDI (and optionally a piano-roll PNG beside it)."""
+    from meloformer_model.data.midi_io import write_midi
+
+    score = tokenizer.decode_score(ids)
+    write_midi(score, out)
+    if piano_roll:
+        from meloformer_model.evaluation.plots import save_piano_roll
+
+        save_piano_roll(score, out.with_suffix(".png"))
+    return score

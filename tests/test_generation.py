@@ -1,0 +1,147 @@
+"""Generation under the grammar, and the evaluation report, from a briefly trained checkpoint."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from symusic import Score
+
+from meloformer_model.evaluation import metrics
+from meloformer_model.evaluation.report import evaluate_checkpoint
+from meloformer_model.generation import (
+    Grammar,
+    SamplingConfig,
+    generate,
+    prompt_from_midi,
+    prompt_from_scratch,
+)
+from meloformer_model.tokenizer.hid import HIDTokenizer
+from meloformer_model.training.checkpoint import load_model, tokenizer_config
+from meloformer_model.training.trainer import PROFILES, train
+
+TOK = HIDTokenizer()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(prepared, tmp_path_factory):
+    config = replace(
+        PROFILES["cpu"],
+        seq_len=128,
+        batch_size=4,
+        max_steps=4,
+        eval_every=4,
+        checkpoint_every=4,
+        warmup_steps=1,
+    )
+    out = tmp_path_factory.mktemp("run")
+    return train(prepared.dataset.path, prepared.vocab, out, config, log=lambda _: None).checkpoint
+
+
+def test_every_real_sequence_is_accepted_by_the_grammar(sample_files):
+    for path in sample_files[:30]:
+        ids = TOK.encode(path).ids
+        grammar = Grammar(TOK)
+        bars = int(TOK.side_information(ids).bar.max()) + 1
+        for token in ids.tolist():
+            state_bars = grammar.state.bars
+            allowed = grammar.allowed(bars - state_bars)
+            assert token in allowed, (path.name, TOK.vocab.tokens[token], grammar.state)
+            grammar.advance(token)
+
+
+def test_generated_pieces_decode_and_parse_back(checkpoint, tmp_path):
+    model, configs = load_model(checkpoint)
+    tokenizer = HIDTokenizer(tokenizer_config(configs))
+    for seed in range(3):
+        prompt = prompt_from_scratch(tokenizer, 90.0, (3, 4))
+        ids = generate(
+            model,
+            tokenizer,
+            prompt,
+            SamplingConfig(bars=3, top_k=40, max_tokens=300, seed=seed),
+            instruments=[0, 40],
+        )
+        assert ids[: len(prompt)].tolist() == prompt
+        assert ids[-1] == tokenizer.vocab["EOS"]
+        side = tokenizer.side_information(ids)
+        assert int(side.bar.max()) + 1 <= 4
+        insts = set(side.instrument[side.instrument < 129].tolist())
+        assert insts <= {0, 40}
+        path = tmp_path / f"g{seed}.mid"
+        tokenizer.decode_score(ids).dump_midi(str(path))
+        again = TOK.encode(path)
+        assert [t.numerator for t in Score(str(path)).time_signatures] == [3]
+        assert len(again) > 5
+
+
+def test_continuation_keeps_the_prompt(checkpoint, sample_files):
+    model, configs = load_model(checkpoint)
+    tokenizer = HIDTokenizer(tokenizer_config(configs))
+    prompt = prompt_from_midi(tokenizer, sample_files[3], bars=2)
+    assert int(tokenizer.side_information(np.asarray(prompt)).bar.max()) == 1
+    ids = generate(model, tokenizer, prompt, SamplingConfig(bars=2, max_tokens=400, top_p=0.9))
+    assert ids[: len(prompt)].tolist() == prompt
+    assert int(tokenizer.side_information(ids).bar.max()) <= 3
+
+
+def test_metrics_on_a_known_piece(sample_files):
+    score = Score(str(sample_files[0]))
+    p = metrics.piece(TOK, score)
+    values = metrics.piece_metrics(p)
+    assert values["scale_consistency"] > 0.85  # a Bach chorale is diatonic
+    assert 2.0 < values["pitch_class_entropy"] < 3.6
+    assert values["empty_beat_rate"] < 0.05 and 3.0 <= values["polyphony"] <= len(score.tracks)
+    assert metrics.similarity_error([p], [p]) == 0.0
+    assert metrics.overlapping_area(
+        metrics.pitch_class_histogram(p), metrics.pitch_class_histogram(p)
+    ) == pytest.approx(1.0)
+
+
+def test_evaluation_report_files_contain_the_figures(checkpoint, prepared, tmp_path):
+    ev = evaluate_checkpoint(
+        checkpoint,
+        prepared.dataset.path,
+        prepared.vocab,
+        tmp_path,
+        pieces=2,
+        bars=2,
+        sampling=SamplingConfig(top_k=32, max_tokens=250),
+    )
+    summary = json.loads((tmp_path / "evaluation.json").read_text())
+    ppl = summary["validation"]["perplexity"]
+    assert (
+        ppl > 1 and f"{ppl:.2f}" in ev.html.read_text() and f"{ppl:.2f}" in ev.markdown.read_text()
+    )
+    assert set(summary["comparison"]["metrics"]) == set(metrics.METRICS)
+    assert len(ev.samples) == 2 and all(p.exists() for p in ev.samples)
+    assert all(p.exists() and p.stat().st_size > 5000 for p in ev.figures)
+    assert "pitch" in summary["validation"]["families"]
+
+
+def test_cli_generate(checkpoint, tmp_path):
+    out = tmp_path / "cli.mid"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meloformer_model.cli",
+            "generate",
+            "--checkpoint",
+            str(checkpoint),
+            "-o",
+            str(out),
+            "--bars",
+            "2",
+            "--max-tokens",
+            "200",
+            "--piano-roll",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert Score(str(out)).note_num() >= 0 and out.with_suffix(".png").exists()
