@@ -82,3 +82,11 @@ def buckets_sum_to_totals(storage: CorpusStorage) -> dg.AssetCheckResult:
             mismatches.append(f"{split}: buckets {sums}, manifest "
                               f"{(info['sequences'], info['tokens'])}, data {actual}")  # fmt: skip
     return _error(not mismatches, mismatches="; ".join(mismatches) or "none")
+
+
+CHECK_NAMES = (
+    "vocabulary_covers_dataset",
+    "splits_do_not_overlap",
+    "sequences_not_empty",
+    "buckets_sum_to_totals",
+)

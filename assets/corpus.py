@@ -31,6 +31,7 @@ from meloformer_model.tokenizer.vocab import Vocabulary
 from pipelines.resources import CorpusStorage
 
 LATEST = "LATEST"
+DATASET_VERSIONS = "dataset_versions"  # the training partitions: one per dataset version
 
 
 def _frame_version(frame: pl.DataFrame, columns: list[str]) -> str:
@@ -289,6 +290,7 @@ def arrow_dataset(
         token_files, root, DATASET_CONFIG, vocab.config_hash(), latest_dataset_path(storage)
     )
     write_bytes_atomic(root / LATEST, build.version.encode())
+    context.instance.add_dynamic_partitions(DATASET_VERSIONS, [build.version])
     context.log.info(
         f"dataset {build.version}: wrote {len(build.written_shards)} shard(s), "
         f"linked {len(build.linked_shards)} unchanged"

@@ -4,6 +4,7 @@ import dagster as dg
 
 from assets.corpus import arrow_dataset, chord_annotations, filtered_midi, hid_tokens, vocabulary
 from assets.partitions import midi_shards
+from assets.training import dataset_versions, evaluation_report, trained_model
 
 shard_job = dg.define_asset_job(
     "shard_job",
@@ -16,4 +17,11 @@ dataset_job = dg.define_asset_job(
     "dataset_job",
     selection=dg.AssetSelection.assets(vocabulary, arrow_dataset),
     description="Vocabulary and Arrow dataset over all shards, with the dataset checks.",
+)
+
+training_job = dg.define_asset_job(
+    "training_job",
+    selection=dg.AssetSelection.assets(trained_model, evaluation_report),
+    partitions_def=dataset_versions,
+    description="Train on one dataset version, then evaluate the best checkpoint.",
 )

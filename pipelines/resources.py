@@ -1,6 +1,7 @@
 """Where the corpus is read from and where artifacts are written."""
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
@@ -8,11 +9,15 @@ import dagster as dg
 from meloformer_model.data.parallel import available_cores
 from meloformer_model.data.sample_corpus import SAMPLE_CORPUS_DIR
 from meloformer_model.data.shards import DEFAULT_SHARD_SIZE
+from meloformer_model.training.trainer import PROFILES, TrainConfig
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_DAGSTER_HOME = PROJECT_DIR / "dagster_home"
 CORPUS_ENV = "MELOFORMER_CORPUS_DIR"
 DATA_ROOT_ENV = "MELOFORMER_DATA_ROOT"
+PROFILE_ENV = "MELOFORMER_TRAIN_PROFILE"
+PROCESSES_ENV = "MELOFORMER_TRAIN_PROCESSES"
+STEPS_ENV = "MELOFORMER_TRAIN_STEPS"
 
 
 class CorpusStorage(dg.ConfigurableResource):
@@ -50,4 +55,28 @@ def storage_from_env() -> CorpusStorage:
     return CorpusStorage(
         corpus_dir=os.environ.get(CORPUS_ENV) or str(SAMPLE_CORPUS_DIR),
         data_root=os.environ.get(DATA_ROOT_ENV) or str(home / "data"),
+    )
+
+
+class TrainingSettings(dg.ConfigurableResource):
+    """Which hardware profile trains, on how many processes, and how much evaluation to do."""
+
+    profile: str = "cpu"
+    processes: int = 1
+    max_steps: int = 0
+    eval_pieces: int = 4
+    eval_bars: int = 6
+
+    def config(self) -> TrainConfig:
+        if self.profile not in PROFILES:
+            raise ValueError(f"unknown training profile {self.profile!r}: {sorted(PROFILES)}")
+        config = PROFILES[self.profile]
+        return replace(config, max_steps=self.max_steps) if self.max_steps else config
+
+
+def training_from_env() -> TrainingSettings:
+    return TrainingSettings(
+        profile=os.environ.get(PROFILE_ENV, "cpu"),
+        processes=int(os.environ.get(PROCESSES_ENV, "1")),
+        max_steps=int(os.environ.get(STEPS_ENV, "0")),
     )

@@ -1,4 +1,5 @@
-"""The main job: refresh the shards, run the new or changed ones, then vocabulary and dataset.
+"""The main job: refresh the shards, run the new or changed ones, build vocabulary and dataset,
+train the profile's model on that dataset version and write its evaluation report.
 
 ``make run`` calls this on the project's Dagster instance (``DAGSTER_HOME``), so every run it
 makes shows up in the UI with its metadata and lineage.
@@ -11,7 +12,7 @@ import dagster as dg
 
 from assets.corpus import latest_dataset_path
 from pipelines.definitions import defs
-from pipelines.jobs import dataset_job, shard_job
+from pipelines.jobs import dataset_job, shard_job, training_job
 from pipelines.refresh import plan_refresh
 from pipelines.resources import storage_from_env
 
@@ -37,8 +38,32 @@ def run_corpus_pipeline(instance: dg.DagsterInstance) -> bool:
     for evaluation in result.get_asset_check_evaluations():
         status = "passed" if evaluation.passed else "FAILED"
         print(f"  check {evaluation.check_name}: {status}")
-    print(f"artifacts under {storage.root}; dataset: {latest_dataset_path(storage)}")
-    return result.success
+    dataset = latest_dataset_path(storage)
+    print(f"artifacts under {storage.root}; dataset: {dataset}")
+    if not result.success:
+        return False
+    training = defs.resolve_job_def(training_job.name)
+    result = training.execute_in_process(
+        instance=instance, partition_key=dataset.name, run_config=QUIET
+    )
+    if not result.success:
+        return False
+    for asset in ("trained_model", "evaluation_report"):
+        event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+        meta = event.asset_materialization.metadata
+        for key in (
+            "checkpoint",
+            "best_checkpoint",
+            "val_loss",
+            "unigram_loss",
+            "tokens_per_second",
+            "report",
+            "sample_folder",
+            "validation_perplexity",
+        ):
+            if key in meta:
+                print(f"  {asset}.{key}: {meta[key].value}")
+    return True
 
 
 def main() -> None:

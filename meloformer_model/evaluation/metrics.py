@@ -151,10 +151,18 @@ def similarity_by_distance(p: Piece, max_distance: int) -> np.ndarray:
     return out
 
 
+def _mean_ignoring_nan(rows: list[np.ndarray]) -> np.ndarray:
+    """Column means over the pieces that have bar pairs at that distance (nan where none do)."""
+    stacked = np.vstack(rows)
+    counts = (~np.isnan(stacked)).sum(axis=0)
+    sums = np.nansum(stacked, axis=0)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
 def similarity_error(generated: list[Piece], real: list[Piece], max_distance: int = 16) -> float:
     """MuseFormer's SE: mean over t of |L_t(generated) − L_t(real)|, each averaged over pieces."""
-    gen = np.nanmean([similarity_by_distance(p, max_distance) for p in generated], axis=0)
-    ref = np.nanmean([similarity_by_distance(p, max_distance) for p in real], axis=0)
+    gen = _mean_ignoring_nan([similarity_by_distance(p, max_distance) for p in generated])
+    ref = _mean_ignoring_nan([similarity_by_distance(p, max_distance) for p in real])
     valid = ~np.isnan(gen) & ~np.isnan(ref)
     return float(np.mean(np.abs(gen[valid] - ref[valid]))) if valid.any() else float("nan")
 

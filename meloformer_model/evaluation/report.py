@@ -201,7 +201,8 @@ def _html(summary: dict, figures: list[Path], samples: list[Path]) -> str:
     c = summary["comparison"]
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>MeloFormer evaluation</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px}}img{{max-width:100%}}.big{{font-size:1.4em}}</style>
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px}}
+img{{max-width:100%}}.big{{font-size:1.4em}}</style>
 </head><body><h1>MeloFormer evaluation</h1>
 <p>Checkpoint <code>{html.escape(summary["checkpoint"])}</code></p>
 <p class="big">Validation perplexity <b>{v["perplexity"]:.2f}</b> ({v["loss"]:.3f} nats/token,

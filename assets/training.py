@@ -1,0 +1,181 @@
+"""Training runs and evaluation reports, one partition per dataset version.
+
+``trained_model`` refuses a dataset whose blocking checks did not all pass, holds the ``gpu``
+pool (one training per GPU), and runs in-process on one device or under ``torchrun`` through
+Dagster Pipes for several; either way the loss curve, throughput, utilisation, memory and the
+checkpoint path come back as metadata.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from assets.checks import CHECK_NAMES
+from assets.config import DATASET_VERSION, TOKENIZER_CONFIG
+from assets.corpus import arrow_dataset, latest_vocabulary_path
+from meloformer_model.evaluation.plots import save_loss_curve
+from meloformer_model.evaluation.report import evaluate_checkpoint
+from meloformer_model.tokenizer.vocab import Vocabulary
+from meloformer_model.training.checkpoint import best_checkpoint
+from meloformer_model.training.trainer import TrainResult, train, unigram_loss
+from pipelines.resources import CorpusStorage, TrainingSettings
+
+dataset_versions = dg.DynamicPartitionsDefinition(name="dataset_versions")
+TRAINING_CODE_VERSION = "1"
+
+
+def dataset_path(storage: CorpusStorage, version: str) -> Path:
+    path = storage.stage_dir("arrow_dataset", DATASET_VERSION) / version
+    if not path.exists():
+        raise dg.Failure(f"dataset version {version} not found at {path}")
+    return path
+
+
+def require_checks_passed(context: dg.AssetExecutionContext) -> None:
+    """Refuse to train on a dataset whose latest blocking check evaluations did not all pass."""
+    failed = []
+    for name in CHECK_NAMES:
+        key = dg.AssetCheckKey(arrow_dataset.key, name)
+        record = context.instance.get_latest_asset_check_evaluation_record(key)
+        if record is None or record.evaluation is None or not record.evaluation.passed:
+            failed.append(name)
+    if failed:
+        raise dg.Failure(f"arrow_dataset checks not passed: {', '.join(failed)}")
+
+
+def _run_dir(storage: CorpusStorage, profile: str, version: str) -> Path:
+    return storage.root / "trained_model" / profile / version
+
+
+def _metadata(result: dict, run_dir: Path, profile: str, config: dict, baseline: float) -> dict:
+    history = result["history"]
+    curve = save_loss_curve(history, run_dir / "loss_curve.png", baseline)
+    last_val = [h["val_loss"] for h in history if "val_loss" in h]
+    rows = "\n".join(
+        f"| {h['step']} | {h['loss']:.3f} | {h.get('val_loss', float('nan')):.3f} |"
+        for h in history
+        if "val_loss" in h
+    )
+    return {
+        "profile": profile,
+        "steps": history[-1]["step"],
+        "train_loss": history[-1]["loss"],
+        "val_loss": last_val[-1] if last_val else float("nan"),
+        "unigram_loss": baseline,
+        "tokens_per_second": result["tokens_per_second"],
+        "model_flops_utilisation": result["mfu"],
+        "peak_memory_bytes": result["peak_memory_bytes"],
+        "wall_seconds": result["wall_seconds"],
+        "parameters": result["parameters"],
+        "checkpoint": dg.MetadataValue.path(str(result["checkpoint"])),
+        "best_checkpoint": dg.MetadataValue.path(str(result["best"])),
+        "loss_curve": dg.MetadataValue.path(str(curve)),
+        "validation_curve": dg.MetadataValue.md(
+            "| step | train | validation |\n|---|---|---|\n" + rows
+        ),
+        "config": dg.MetadataValue.json(config),
+    }
+
+
+def _result_dict(result: TrainResult) -> dict:
+    return {
+        "history": result.history,
+        "tokens_per_second": result.tokens_per_second,
+        "mfu": result.mfu,
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "wall_seconds": result.wall_seconds,
+        "parameters": result.parameters,
+        "checkpoint": str(result.checkpoint),
+        "best": str(result.best),
+    }
+
+
+@dg.asset(
+    deps=[arrow_dataset],
+    partitions_def=dataset_versions,
+    pool="gpu",
+    code_version=TRAINING_CODE_VERSION,
+    group_name="training",
+    automation_condition=dg.AutomationCondition.eager()
+    & dg.AutomationCondition.all_deps_blocking_checks_passed(),
+    description="A training run on one dataset version (checkpoints: safetensors + JSON).",
+)
+def trained_model(
+    context: dg.AssetExecutionContext,
+    storage: CorpusStorage,
+    training: TrainingSettings,
+    pipes: dg.PipesSubprocessClient,
+) -> dg.MaterializeResult:
+    require_checks_passed(context)
+    version = context.partition_key
+    data = dataset_path(storage, version)
+    vocab_path = latest_vocabulary_path(storage)
+    vocab = Vocabulary.load(vocab_path, expected=TOKENIZER_CONFIG)
+    config = training.config()
+    run_dir = _run_dir(storage, training.profile, version)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if training.processes > 1:
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={training.processes}",
+            "-m",
+            "pipelines.train_entry",
+            str(data),
+            str(vocab_path),
+            str(run_dir),
+            json.dumps(config.to_dict()),
+        ]
+        invocation = pipes.run(context=context, command=command)
+        reported = invocation.get_materialize_result().metadata
+        result = json.loads(reported["result"].value)
+    else:
+        result = _result_dict(train(data, vocab, run_dir, config, log=context.log.info))
+    metadata = _metadata(result, run_dir, training.profile, config.to_dict(), unigram_loss(vocab))
+    metadata["processes"] = training.processes
+    metadata["dataset"] = dg.MetadataValue.path(str(data))
+    return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset(
+    deps=[trained_model],
+    partitions_def=dataset_versions,
+    code_version=TRAINING_CODE_VERSION,
+    group_name="training",
+    description="Perplexity per token family, generated vs held-out music, piano rolls, samples.",
+)
+def evaluation_report(
+    context: dg.AssetExecutionContext, storage: CorpusStorage, training: TrainingSettings
+) -> dg.MaterializeResult:
+    version = context.partition_key
+    run_dir = _run_dir(storage, training.profile, version)
+    checkpoint = best_checkpoint(run_dir)
+    if checkpoint is None:
+        raise dg.Failure(f"no best checkpoint in {run_dir}: materialize trained_model first")
+    vocab = Vocabulary.load(latest_vocabulary_path(storage), expected=TOKENIZER_CONFIG)
+    out = storage.root / "evaluation_report" / training.profile / version
+    ev = evaluate_checkpoint(
+        checkpoint,
+        dataset_path(storage, version),
+        vocab,
+        out,
+        pieces=training.eval_pieces,
+        bars=training.eval_bars,
+    )
+    s = ev.summary
+    return dg.MaterializeResult(
+        metadata={
+            "summary": dg.MetadataValue.md(ev.short_markdown()),
+            "report": dg.MetadataValue.path(str(ev.html)),
+            "markdown_report": dg.MetadataValue.path(str(ev.markdown)),
+            "validation_perplexity": s["validation"]["perplexity"],
+            "similarity_error": s["comparison"]["similarity_error"],
+            "pitch_class_overlap": s["comparison"]["pitch_class_overlap"],
+            "samples": len(ev.samples),
+            "sample_folder": dg.MetadataValue.path(str(out)),
+        }
+    )
