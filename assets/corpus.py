@@ -88,6 +88,11 @@ def filtered_midi(
 ) -> dg.MaterializeResult:
     shard = context.partition_key
     files = shard_files(load_registry(storage.registry_path), shard)
+    if files.is_empty():
+        raise dg.Failure(
+            f"{shard} has no files in the corpus registry {storage.registry_path}: partitions are "
+            "added by the refresh sensor or schedule (or `make run`), not by hand"
+        )
     out = _shard_output(storage, "filtered_midi", FILTER_VERSION, shard)
     result = stages.filter_shard(
         storage.corpus_path, files, FILTER_CONFIG, _previous(out), storage.n_workers

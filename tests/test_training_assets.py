@@ -1,0 +1,102 @@
+"""Training and evaluation assets: gated by the dataset checks, lineage to the dataset version,
+metadata, and the torchrun-through-Pipes path with two CPU processes."""
+
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from assets import checks
+from assets.corpus import arrow_dataset, chord_annotations, filtered_midi, hid_tokens, vocabulary
+from assets.training import evaluation_report, trained_model
+from pipelines.refresh import plan_refresh
+from pipelines.resources import CorpusStorage, TrainingSettings
+
+CHECKS = dg.load_asset_checks_from_modules([checks])
+
+
+@pytest.fixture(scope="module")
+def corpus_run(tmp_path_factory, sample_files):
+    root = tmp_path_factory.mktemp("training_assets")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for path in sample_files[:90]:
+        shutil.copy(path, corpus / path.name)
+    storage = CorpusStorage(corpus_dir=str(corpus), data_root=str(root / "data"), workers=2)
+    instance = dg.DagsterInstance.ephemeral()
+    refresh = plan_refresh(storage, instance)
+    instance.add_dynamic_partitions("midi_shards", refresh.new_shards)
+    resources = {"storage": storage}
+    for shard in refresh.to_run:
+        assert dg.materialize(
+            [filtered_midi, chord_annotations, hid_tokens],
+            partition_key=shard,
+            instance=instance,
+            resources=resources,
+        ).success
+    return storage, instance
+
+
+def _train(storage, instance, version, settings, assets=(trained_model,), raise_on_error=True):
+    return dg.materialize(
+        list(assets),
+        partition_key=version,
+        instance=instance,
+        raise_on_error=raise_on_error,
+        resources={"storage": storage, "training": settings, "pipes": dg.PipesSubprocessClient()},
+    )
+
+
+def test_training_refuses_a_dataset_whose_checks_did_not_run(corpus_run):
+    storage, instance = corpus_run
+    # the dataset without its checks: the version partition exists, the checks never ran
+    assert dg.materialize(
+        [vocabulary, arrow_dataset], instance=instance, resources={"storage": storage}
+    ).success
+    version = instance.get_dynamic_partitions("dataset_versions")[-1]
+    result = _train(storage, instance, version, TrainingSettings(max_steps=2), raise_on_error=False)
+    assert not result.success
+    failure = result.get_step_failure_events()[0].event_specific_data.error.message
+    assert "arrow_dataset checks not passed" in failure
+
+
+def test_training_and_evaluation_on_a_checked_dataset(corpus_run):
+    storage, instance = corpus_run
+    assert dg.materialize(
+        [vocabulary, arrow_dataset, *CHECKS], instance=instance, resources={"storage": storage}
+    ).success
+    version = instance.get_dynamic_partitions("dataset_versions")[-1]
+    settings = TrainingSettings(max_steps=3, eval_pieces=1, eval_bars=1)
+    result = _train(storage, instance, version, settings, (trained_model, evaluation_report))
+    assert result.success
+    meta = {
+        k: v.value
+        for k, v in result.asset_materializations_for_node("trained_model")[0].metadata.items()
+    }
+    assert meta["steps"] == 3 and meta["tokens_per_second"] > 0 and meta["processes"] == 1
+    assert Path(meta["checkpoint"]).joinpath("model.safetensors").exists()
+    assert Path(meta["loss_curve"]).stat().st_size > 5000
+    assert meta["dataset"].endswith(version)
+    record = instance.get_latest_materialization_event(dg.AssetKey("trained_model"))
+    assert record.asset_materialization.partition == version  # lineage to the dataset version
+    report = instance.get_latest_materialization_event(dg.AssetKey("evaluation_report"))
+    report_meta = report.asset_materialization.metadata
+    assert Path(report_meta["report"].value).exists()
+    assert "validation perplexity" in report_meta["summary"].value
+
+
+@pytest.mark.slow
+def test_torchrun_through_pipes_reports_back(corpus_run):
+    storage, instance = corpus_run
+    version = instance.get_dynamic_partitions("dataset_versions")[-1]
+    settings = TrainingSettings(profile="cpu", processes=2, max_steps=2)
+    shutil.rmtree(storage.root / "trained_model", ignore_errors=True)
+    result = _train(storage, instance, version, settings)
+    assert result.success
+    meta = {
+        k: v.value
+        for k, v in result.asset_materializations_for_node("trained_model")[0].metadata.items()
+    }
+    assert meta["processes"] == 2 and meta["steps"] == 2
+    assert Path(meta["checkpoint"]).joinpath("config.json").exists()
