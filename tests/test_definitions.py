@@ -13,7 +13,8 @@ def test_asset_graph_shape():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == {"midi_corpus", "filtered_midi", "chord_annotations", "hid_tokens",
-                    "vocabulary", "arrow_dataset"}  # fmt: skip
+                    "vocabulary", "arrow_dataset", "trained_model", "evaluation_report",
+                    "benchmark_report"}  # fmt: skip
     parents = {
         k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys}
         for k in graph.get_all_asset_keys()
@@ -23,6 +24,8 @@ def test_asset_graph_shape():
     assert parents["hid_tokens"] == {"chord_annotations"}
     assert parents["vocabulary"] == {"hid_tokens"}
     assert parents["arrow_dataset"] == {"hid_tokens", "vocabulary"}
+    assert parents["trained_model"] == {"arrow_dataset"}
+    assert parents["evaluation_report"] == {"trained_model"}
     for key in keys - {"midi_corpus"}:
         assert graph.get(dg.AssetKey(key)).code_version, key
     checks = {c.name for c in graph.asset_check_keys}
@@ -31,7 +34,42 @@ def test_asset_graph_shape():
 
 
 def test_jobs_sensors_schedule():
-    assert {j.name for j in defs.jobs} == {"shard_job", "dataset_job"}
+    assert {j.name for j in defs.jobs} == {"shard_job", "dataset_job", "training_job"}
     assert {s.name for s in defs.sensors} == {"midi_corpus_sensor", "dataset_after_shards_sensor"}
     schedule = defs.resolve_schedule_def("corpus_refresh_schedule")
     assert schedule.cron_schedule == "0 3 * * *"
+
+
+def test_training_holds_the_gpu_pool_and_waits_for_checks():
+    graph = defs.resolve_asset_graph()
+    node = graph.get(dg.AssetKey("trained_model"))
+    assert node.pools == {"gpu"}
+    labels = [op.label for op in node.automation_condition.operands]
+    assert labels == ["eager", "all_deps_blocking_checks_passed"]
+
+
+def test_config_changes_change_code_versions():
+    from meloformer_model.data import stages
+    from meloformer_model.data.filtering import FilterConfig
+    from meloformer_model.tokenizer.config import TokenizerConfig
+
+    graph = defs.resolve_asset_graph()
+    token_version = graph.get(dg.AssetKey("hid_tokens")).code_version
+    assert token_version == stages.token_version(TokenizerConfig())
+    assert stages.token_version(TokenizerConfig(velocity_bins=16)) != token_version
+    assert stages.filter_version(FilterConfig(min_notes=10)) != stages.filter_version(
+        FilterConfig()
+    )
+
+
+def test_benchmark_report_tables_every_result(tmp_path):
+    from assets.reports import RESULTS_DIR, benchmark_report
+    from pipelines.resources import CorpusStorage
+
+    storage = CorpusStorage(corpus_dir=str(tmp_path), data_root=str(tmp_path / "data"))
+    result = dg.materialize([benchmark_report], resources={"storage": storage})
+    assert result.success
+    text = (tmp_path / "data" / "benchmark_report" / "report.md").read_text()
+    for path in RESULTS_DIR.glob("*.json"):
+        assert f"| {path.stem} |" in text
+    assert "chain_vs_miditok" in text
