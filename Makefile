@@ -37,7 +37,9 @@ ui: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
-	$(BIN)/python benchmarks/preprocess.py
+	for name in preprocess pipeline attention train generate; do \
+		$(BIN)/python benchmarks/$$name.py || exit 1; \
+	done
 
 clean:
 	rm -rf build .pytest_cache
