@@ -7,6 +7,7 @@ the tests), ``h100``/``h800`` are the upstream recipes at 8192 tokens.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -247,7 +248,9 @@ def train(
         dist.barrier()  # rank 0's checkpoint is on disk before any rank reports it
     tokens_per_second = tokens_seen * world / wall if wall else 0.0
     params = expected_parameters(model_cfg)
-    flops = 6 * params * tokens_per_second
+    # PaLM-style count: 6 N per token plus causal attention 6 L C T (no recomputation counted)
+    per_token = 6 * params + 6 * model_cfg.n_layer * model_cfg.n_embd * config.seq_len
+    flops = per_token * tokens_per_second
     return TrainResult(
         model=model,
         checkpoint=last_saved or checkpoints(out_dir)[-1],
@@ -282,15 +285,23 @@ def _save(out_dir, model, optimizer, configs, state, record, keep_last) -> Path:
     return folder
 
 
+@functools.cache
 def peak_flops(device: torch.device) -> float:
-    """Dense bf16 peak of known GPUs (FLOP/s); 0 where unknown (CPU: measured by benchmarks)."""
-    if device.type != "cuda":
+    """Peak FLOP/s for the utilisation figure: dense bf16 peak of known GPUs; on CPU, fp32
+    matmul throughput measured here and now (the CPU has no datasheet figure we can trust)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in (("H100", 989e12), ("H800", 989e12), ("H200", 989e12), ("A100", 312e12)):
+            if key in name:
+                return value
         return 0.0
-    name = torch.cuda.get_device_name(device)
-    for key, value in (("H100", 989e12), ("H800", 989e12), ("H200", 989e12), ("A100", 312e12)):
-        if key in name:
-            return value
-    return 0.0
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * 1024**3 / best
 
 
 def unigram_loss(vocab: Vocabulary) -> float:
