@@ -214,13 +214,19 @@ def test_schedule_registers_partitions_and_requests_runs(tmp_path, sample_files)
     for path in sample_files[:4]:
         shutil.copy(path, corpus / path.name)
     storage = CorpusStorage(corpus_dir=str(corpus), data_root=str(tmp_path / "data"), shard_size=2)
-    with dg.instance_for_test() as instance:
+    # Not `with instance`: dagster 1.13 leaves its defs-state storage set after __exit__,
+    # which breaks later materializations in this process once the instance is collected.
+    (tmp_path / "home").mkdir()
+    instance = dg.DagsterInstance.local_temp(str(tmp_path / "home"))
+    try:
         context = dg.build_schedule_context(instance=instance, resources={"storage": storage})
         requests = corpus_refresh_schedule(context)
         keys = ["shard-00000", "shard-00001"]
         assert [r.partition_key for r in requests] == keys
         assert sorted(instance.get_dynamic_partitions("midi_shards")) == keys
         assert isinstance(corpus_refresh_schedule(context), dg.SkipReason)
+    finally:
+        instance.dispose()
 
 
 KILL_MID_WRITE = """

@@ -178,6 +178,7 @@ def ui(tmp_path_factory, sample_files):
         "DAGSTER_HOME": str(home),
         CORPUS_ENV: str(corpus),
         DATA_ROOT_ENV: str(data),
+        "MELOFORMER_TRAIN_STEPS": "2",
     }
     port = _free_port()
     log = root / "dagster_dev.log"
@@ -225,13 +226,18 @@ def _run_report(ui: DagsterUI, run_id: str) -> str:
     return f"--- run {run_id} events ---\n" + "\n".join(lines) + "\n" + ui.log_tail()
 
 
-def _launch(ui: DagsterUI, job: str, tags: dict[str, str] | None = None) -> str:
+def _launch(
+    ui: DagsterUI, job: str, tags: dict[str, str] | None = None, assets: list[str] | None = None
+) -> str:
+    selector = {
+        "repositoryLocationName": ui.location,
+        "repositoryName": ui.repository,
+        "jobName": job,
+    }
+    if assets:
+        selector["assetSelection"] = [{"path": [asset]} for asset in assets]
     params = {
-        "selector": {
-            "repositoryLocationName": ui.location,
-            "repositoryName": ui.repository,
-            "jobName": job,
-        },
+        "selector": selector,
         "runConfigData": RUN_CONFIG,
         "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in (tags or {}).items()]},
     }
@@ -292,8 +298,11 @@ def test_shard_and_dataset_runs_through_graphql(ui):
     # The corpus registry is written by the refresh (as the sensor, schedule and `make run` do);
     # the shard is then registered and both jobs launched through the UI's GraphQL API.
     storage = CorpusStorage(corpus_dir=str(ui.corpus), data_root=str(ui.data))
-    with dg.DagsterInstance.from_config(str(ui.home)) as instance:
+    instance = dg.DagsterInstance.from_config(str(ui.home))  # not `with`: see test_pipeline_assets
+    try:
         refresh = plan_refresh(storage, instance)
+    finally:
+        instance.dispose()
     assert refresh.files == N_FILES
     assert refresh.new_shards == refresh.to_run == [SHARD]
     added = ui.graphql(
@@ -343,6 +352,28 @@ def test_shard_and_dataset_runs_through_graphql(ui):
         assert execution["status"] == "SUCCEEDED", f"{name}: {execution}"
         assert execution["runId"] == dataset_run["runId"], name
         assert execution["evaluation"]["success"], name
+
+
+def test_training_run_is_listed_with_lineage_to_the_dataset_partition(ui):
+    dataset = _latest_materialization(ui, "arrow_dataset")
+    version = Path({e["label"]: e for e in dataset["metadataEntries"]}["path"]["path"]).name
+    run_id = _launch(ui, "training_job", {"dagster/partition": version}, ["trained_model"])
+    run = _wait_for_success(ui, run_id)
+    event = _latest_materialization(ui, "trained_model", version)
+    assert (event["runId"], event["partition"]) == (run["runId"], version)
+    node = ui.graphql(
+        """{ assetNodeOrError(assetKey: {path: ["trained_model"]}) { __typename
+             ... on AssetNode { dependencyKeys { path } partitionKeys pools } } }"""
+    )["assetNodeOrError"]
+    assert node["__typename"] == "AssetNode", node
+    assert node["dependencyKeys"] == [{"path": ["arrow_dataset"]}]
+    assert version in node["partitionKeys"] and node["pools"] == ["gpu"]
+    runs = ui.graphql(
+        """{ runsOrError(filter: {pipelineName: "training_job"}) { __typename
+             ... on Runs { results { runId status tags { key value } } } } }"""
+    )["runsOrError"]["results"]
+    listed = [r for r in runs if r["runId"] == run_id]
+    assert listed and {"key": "dagster/partition", "value": version} in listed[0]["tags"]
 
 
 def _chromium() -> str | None:
