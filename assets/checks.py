@@ -3,7 +3,6 @@
 import json
 
 import dagster as dg
-import datasets
 import numpy as np
 import pyarrow.compute as pc
 
@@ -13,7 +12,9 @@ from meloformer_model.tokenizer.vocab import Vocabulary
 from pipelines.resources import CorpusStorage
 
 
-def _load(storage: CorpusStorage) -> tuple[datasets.DatasetDict, dict]:
+def _load(storage: CorpusStorage) -> tuple:
+    import datasets  # slow to import: only when a check runs
+
     path = latest_dataset_path(storage)
     if path is None:
         raise dg.Failure("arrow_dataset has not been materialized")

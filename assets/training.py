@@ -15,11 +15,7 @@ import dagster as dg
 from assets.checks import CHECK_NAMES
 from assets.config import DATASET_VERSION, TOKENIZER_CONFIG
 from assets.corpus import arrow_dataset, latest_vocabulary_path
-from meloformer_model.evaluation.plots import save_loss_curve
-from meloformer_model.evaluation.report import evaluate_checkpoint
 from meloformer_model.tokenizer.vocab import Vocabulary
-from meloformer_model.training.checkpoint import best_checkpoint
-from meloformer_model.training.trainer import TrainResult, train, unigram_loss
 from pipelines.resources import CorpusStorage, TrainingSettings
 
 dataset_versions = dg.DynamicPartitionsDefinition(name="dataset_versions")
@@ -50,6 +46,8 @@ def _run_dir(storage: CorpusStorage, profile: str, version: str) -> Path:
 
 
 def _metadata(result: dict, run_dir: Path, profile: str, config: dict, baseline: float) -> dict:
+    from meloformer_model.evaluation.plots import save_loss_curve
+
     history = result["history"]
     curve = save_loss_curve(history, run_dir / "loss_curve.png", baseline)
     last_val = [h["val_loss"] for h in history if "val_loss" in h]
@@ -79,7 +77,7 @@ def _metadata(result: dict, run_dir: Path, profile: str, config: dict, baseline:
     }
 
 
-def _result_dict(result: TrainResult) -> dict:
+def _result_dict(result) -> dict:
     return {
         "history": result.history,
         "tokens_per_second": result.tokens_per_second,
@@ -108,6 +106,9 @@ def trained_model(
     training: TrainingSettings,
     pipes: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
+    # torch and the training stack load only when a training runs, not with the definitions
+    from meloformer_model.training.trainer import train, unigram_loss
+
     require_checks_passed(context)
     version = context.partition_key
     data = dataset_path(storage, version)
@@ -151,6 +152,9 @@ def trained_model(
 def evaluation_report(
     context: dg.AssetExecutionContext, storage: CorpusStorage, training: TrainingSettings
 ) -> dg.MaterializeResult:
+    from meloformer_model.evaluation.report import evaluate_checkpoint
+    from meloformer_model.training.checkpoint import best_checkpoint
+
     version = context.partition_key
     run_dir = _run_dir(storage, training.profile, version)
     checkpoint = best_checkpoint(run_dir)

@@ -3,15 +3,17 @@
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
 from meloformer_model.data.parallel import available_cores
-from meloformer_model.data.sample_corpus import SAMPLE_CORPUS_DIR
 from meloformer_model.data.shards import DEFAULT_SHARD_SIZE
-from meloformer_model.training.trainer import PROFILES, TrainConfig
+from meloformer_model.paths import PROJECT_DIR, SAMPLE_CORPUS_DIR
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+if TYPE_CHECKING:
+    from meloformer_model.training.trainer import TrainConfig
+
 DEFAULT_DAGSTER_HOME = PROJECT_DIR / "dagster_home"
 CORPUS_ENV = "MELOFORMER_CORPUS_DIR"
 DATA_ROOT_ENV = "MELOFORMER_DATA_ROOT"
@@ -67,7 +69,9 @@ class TrainingSettings(dg.ConfigurableResource):
     eval_pieces: int = 4
     eval_bars: int = 6
 
-    def config(self) -> TrainConfig:
+    def config(self) -> "TrainConfig":
+        from meloformer_model.training.trainer import PROFILES  # torch: only when training
+
         if self.profile not in PROFILES:
             raise ValueError(f"unknown training profile {self.profile!r}: {sorted(PROFILES)}")
         config = PROFILES[self.profile]

@@ -9,7 +9,7 @@ from meloformer_model.data.midi_io import find_midi_files
 
 @pytest.fixture(scope="session")
 def sample_files() -> list[Path]:
-    from meloformer_model.data.sample_corpus import SAMPLE_CORPUS_DIR
+    from meloformer_model.paths import SAMPLE_CORPUS_DIR
 
     files = find_midi_files([SAMPLE_CORPUS_DIR])
     assert len(files) >= 300, f"sample corpus at {SAMPLE_CORPUS_DIR} has only {len(files)} files"
@@ -20,7 +20,7 @@ def sample_files() -> list[Path]:
 def prepared(tmp_path_factory):
     """The sample corpus as an Arrow dataset and vocabulary, built once per test session."""
     from meloformer_model.data.pipeline import prepare_corpus
-    from meloformer_model.data.sample_corpus import SAMPLE_CORPUS_DIR
+    from meloformer_model.paths import SAMPLE_CORPUS_DIR
 
     root = tmp_path_factory.mktemp("prepared")
     return prepare_corpus(SAMPLE_CORPUS_DIR, root, workers=2)

@@ -17,7 +17,6 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import datasets
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -227,6 +226,8 @@ def _write_shard(
 def _finish(
     tmp: Path, shards: list[str], shard_stats: dict, settings: dict, version: str, config
 ) -> dict:
+    import datasets  # slow to import; only needed when a dataset is written
+
     features = datasets.Features.from_arrow_schema(_empty_table().schema)
     splits = {}
     for split in SPLITS:

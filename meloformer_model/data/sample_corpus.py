@@ -48,10 +48,10 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from meloformer_model.atomic import write_bytes_atomic
+from meloformer_model.paths import SAMPLE_CORPUS_DIR
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_CORPUS_DIR: Path = Path(__file__).resolve().parents[2] / "sample_corpus"
 
 MULTI_INSTRUMENT_PIECES: tuple[str, ...] = (
     "beethoven/opus18no1/movement1.mxl",

@@ -25,7 +25,7 @@ REGISTRY_SCHEMA = {
     "file_hash": pl.String,
     "shard": pl.String,
 }
-DEFAULT_SHARD_SIZE = 256
+DEFAULT_SHARD_SIZE = 1024
 
 
 def shard_key(index: int) -> str:
