@@ -193,6 +193,9 @@ def regular_stream(
     )
 
 
+SUMMARY_WIDTH_STEP = 64
+
+
 def summary_stream(regular: Stream) -> Stream:
     """One summary per (document, bar) present; its position is its bar's last token."""
     batch = regular.doc.shape[0]
@@ -204,7 +207,10 @@ def summary_stream(regular: Stream) -> Stream:
         last = torch.full((len(ids),), -1, dtype=torch.long, device=key.device)
         last = last.scatter_reduce(0, inverse, regular.pos[b][valid], reduce="amax")
         rows.append((ids // (1 << 20), ids % (1 << 20), last))
-    width = max(1, max(len(r[0]) for r in rows))
+    # padded to a multiple of SUMMARY_WIDTH_STEP: few distinct key lengths, so compiled flex
+    # attention is not rebuilt for every batch
+    needed = max(1, max(len(r[0]) for r in rows))
+    width = -(-needed // SUMMARY_WIDTH_STEP) * SUMMARY_WIDTH_STEP
     doc = torch.full((batch, width), -1, dtype=regular.doc.dtype, device=regular.doc.device)
     bar = torch.full_like(doc, -1)
     pos = torch.zeros_like(doc)
