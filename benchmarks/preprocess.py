@@ -24,7 +24,7 @@ from symusic import Score  # noqa: E402
 
 from meloformer_model.data.filtering import FilterConfig, inspect_bytes  # noqa: E402
 from meloformer_model.data.midi_io import find_midi_files  # noqa: E402
-from meloformer_model.data.sample_corpus import SAMPLE_CORPUS_DIR  # noqa: E402
+from meloformer_model.paths import SAMPLE_CORPUS_DIR  # noqa: E402
 from meloformer_model.tokenizer.chords import detect_chords  # noqa: E402
 from meloformer_model.tokenizer.hid import HIDTokenizer  # noqa: E402
 
