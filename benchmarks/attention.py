@@ -13,7 +13,8 @@ Sections (one table each, everything in one JSON):
   and of plain causal attention (~0.5); 128x128 tiles a block-sparse kernel must visit.
 * attention: one layer's attention (summarize + update, exactly as ``Block.forward`` calls
   ``attend``, without projections) with the model's dims, forward+backward and forward only:
-  ours with the dense backend (SDPA + boolean mask from ``build_masks``; mask build timed
+  ours with the dense backend (SDPA per packed document with the additive masks of
+  ``build_masks``; mask build timed
   separately), ours with the flex backend (forward only on CPU: FlexAttention has no CPU
   backward), and full causal attention (SDPA ``is_causal=True``, length T, same heads/dims).
   Ratios are against full causal attention in the same run.
@@ -29,12 +30,13 @@ before it (falls back to ``ru_maxrss`` growth of a first run where clear_refs is
 Activation memory of a train step: peak growth over the steady state (parameters and AdamW
 state allocated, gradients freed) minus the fp32 gradients, divided by n_layer; masks are built
 (and timed) apart from the step and loaded, so their build peak is not in it. A forward under
-``saved_tensors_hooks`` lists what autograd keeps, the float copies SDPA makes of the masks apart.
+``saved_tensors_hooks`` lists what autograd keeps, the additive masks apart.
 
 FLOPs of a train step: 6 x parameters x tokens (regular tokens skip wk2/wv2; summaries count
 too) + attention over the *visible* entries only (12 x head_dim x heads per entry and layer,
 forward + backward), no recomputation; time = step + mask build (the trainer builds the masks
-every step). The fraction counting every entry the dense kernel computes is reported as well.
+every step). The fraction counting every entry the dense kernel computes (per document: each
+document's queries x its keys) is reported as well.
 
 Defaults. CPU: T = 1k-16k for attention (a variant is skipped when its single run is projected,
 quadratically from the previous length, above --max-run-s), flex at 2k and 8k only (it compiles
@@ -55,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import dataclasses
 import functools
 import gc
 import json
@@ -361,8 +362,13 @@ def child_masks(spec: dict) -> dict:
     n_summary = int((masks.summary.doc >= 0).sum())  # real summaries (the width is padded)
     width = masks.summary.doc.shape[1]
     n_keys = n_summary + length
-    visible_update = int(torch.count_nonzero(masks.update))
-    visible_summarize = int(torch.count_nonzero(masks.summarize[:, :, :n_summary]))
+    # whole-row masks for the statistics; the model uses the per-document ones timed above
+    keys = masks.summary.cat(masks.regular)
+    whole_update = mm.dense_mask(config.rules, masks.regular, keys)
+    visible_update = int(torch.count_nonzero(whole_update))
+    visible_summarize = masks.summarize.visible_entries() - (width - n_summary)
+    spans = [s for s in masks.update.spans + masks.summarize.spans if s.bias is not None]
+    entries_computed = sum(s.bias.numel() for s in spans)
     doc = data["doc"][0].cpu().numpy()
     doc_lengths = np.bincount(doc[doc >= 0])
     doc_causal = int(sum(n * (n + 1) // 2 for n in doc_lengths.tolist()))
@@ -399,7 +405,7 @@ def child_masks(spec: dict) -> dict:
         "summaries": n_summary,
         "summary_width": width,
         "keys": n_keys,
-        "keys_computed": width + length,
+        "entries_computed": entries_computed,
         "build": result,
         "visible_update": visible_update,
         "visible_summarize": visible_summarize,
@@ -408,14 +414,14 @@ def child_masks(spec: dict) -> dict:
         "density_doc_causal": doc_causal / (length * length),
         "density_causal": causal / (length * length),
         "visible_per_query_update": visible_update / length,
-        "tiles_update": tiles(masks.update),
-        "tile_density_update": tiles(masks.update) / (n_tiles_q * n_tiles_k),
+        "tiles_update": tiles(whole_update),
+        "tile_density_update": tiles(whole_update) / (n_tiles_q * n_tiles_k),
         "tile_density_causal": (n_tiles_t * (n_tiles_t + 1) // 2) / (n_tiles_t * n_tiles_t),
         "tile_density_doc_causal": doc_causal_tiles() / (n_tiles_t * n_tiles_t),
         "tiles_note": f"{TILE}x{TILE} tiles with any visible entry, over all tiles of the "
         "matrix (ours: (T) x (summaries + T); causal: T x T)",
-        "bool_mask_bytes": (length + width) * (width + length),
-        "sdpa_float_mask_bytes_per_layer": 4 * (length + width) * (width + length),
+        "mask_bytes": sum(s.bias.element_size() * s.bias.numel() for s in spans),
+        "whole_row_float_mask_bytes": 4 * (length + width) * (width + length),
     }
 
 
@@ -471,7 +477,8 @@ def block_masks_from_dense(config, regular):
     from the dense masks of the same predicate, so flex attention itself can still be timed."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    dense = mm.build_masks(dataclasses.replace(config, backend="dense"), regular)
+    summaries = mm.summary_stream(regular)
+    keys = summaries.cat(regular)
 
     def from_dense(mask):
         def mask_mod(b, h, q_idx, kv_idx):
@@ -483,7 +490,10 @@ def block_masks_from_dense(config, regular):
         )
 
     return mm.BatchMasks(
-        dense.regular, dense.summary, from_dense(dense.summarize), from_dense(dense.update)
+        regular,
+        summaries,
+        from_dense(mm.dense_mask(config.rules, summaries, keys)),
+        from_dense(mm.dense_mask(config.rules, regular, keys)),
     )
 
 
@@ -520,12 +530,8 @@ def child_ours(spec: dict) -> dict:
     _, k2, v2 = _qkv(spec, 1, n_summary, heads, grad)
 
     def fwd():
-        out_s = mm.attend(
-            q_s, torch.cat([k_s, k_r], 2), torch.cat([v_s, v_r], 2), masks.summarize, backend
-        )
-        out_r = mm.attend(
-            q_r, torch.cat([k2, k_r], 2), torch.cat([v2, v_r], 2), masks.update, backend
-        )
+        out_s = mm.attend(q_s, (k_s, k_r), (v_s, v_r), masks.summarize, backend)
+        out_r = mm.attend(q_r, (k2, k_r), (v2, v_r), masks.update, backend)
         return out_s, out_r
 
     start = time.perf_counter()
@@ -618,10 +624,11 @@ def child_model(spec: dict) -> dict:
 def saved_tensor_breakdown(model, ids, targets, masks, bf16: bool, device: str) -> dict:
     """What autograd keeps for backward in one forward, by shape (each storage counted once).
 
-    A 4-d floating-point tensor shaped like a mask (1, 1, queries, keys) is what SDPA makes of
-    the boolean mask (an additive float mask) and saves for its backward."""
+    A 4-d floating-point tensor shaped like a document's mask (1, 1, queries, keys) is the
+    additive mask SDPA saves for its backward (built once per batch, shared by the layers)."""
     seen, groups = set(), {}
-    mask_shapes = {tuple(masks.update.shape), tuple(masks.summarize.shape)}
+    spans = masks.update.spans + masks.summarize.spans
+    mask_shapes = {tuple(s.bias.shape) for s in spans if s.bias is not None}
     mask_like = 0
 
     def pack(t):
@@ -1218,7 +1225,7 @@ def report(
                 length,
                 mk["summaries"],
                 mk["visible_update"] + mk["visible_summarize"],
-                (length + mk["summary_width"]) * mk["keys_computed"],
+                mk["entries_computed"],
                 config.head_dim,
                 config.n_head,
             )
@@ -1283,7 +1290,7 @@ def report(
     print(
         "  GFLOP/s and 'of peak': useful FLOPs (6 x params x tokens + attention over visible "
         "entries, no recomputation) / (step + mask build); 'w/o masks': over the step alone; "
-        "'computed': counting every masked entry the dense kernel computes; 'attn share': "
+        "'computed': counting every entry the per-document dense kernel computes; 'attn share': "
         "n_layer x one layer's attention fwd+bwd (above) / step."
     )
 
@@ -1293,7 +1300,7 @@ def report(
             top = ", ".join(f"{t['tensor']} {t['bytes'] / MB:,.0f}" for t in saved["top"][:4])
             print(
                 f"  saved for backward at {name}: {saved['total_bytes'] / MB:,.0f} MiB, of which "
-                f"float copies of the masks {saved['float_mask_bytes'] / MB:,.0f} MiB "
+                f"additive masks {saved['float_mask_bytes'] / MB:,.0f} MiB "
                 f"({saved['float_mask_bytes'] / saved['total_bytes']:.0%}); largest: {top}"
             )
     checkpoint_ratios = {}

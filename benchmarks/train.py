@@ -19,7 +19,7 @@ FLOPs per token (no recomputation counted, so gradient checkpointing does not in
   pair = 2 x C for q.k plus 2 x C for the weighted sum of v, so ``12 x n_layer x n_embd x K``
   with K the visible keys per query:
     - ``sparse``: K = visible (summary + regular) keys per real regular query in the update-phase
-      mask (``build_masks(...).update``, dense, counted per row outside the timing), averaged
+      mask (``dense_mask`` over the whole row, counted per row outside the timing), averaged
       over the timed batches; the summarize phase (summary queries) is not counted;
     - ``causal``: K = T / 2 for T = seq_len, i.e. ``6 x n_layer x n_embd x T`` (PaLM's count and
       the trainer's ``mfu``): what a full-causal model of the same size would be credited with.
@@ -73,6 +73,7 @@ from meloformer_model.data.pipeline import prepare_corpus  # noqa: E402
 from meloformer_model.model import (  # noqa: E402
     MeloFormer,
     build_masks,
+    dense_mask,
     expected_parameters,
     model_config,
     regular_stream,
@@ -174,21 +175,20 @@ def gpu_peak(device: torch.device) -> tuple[float, str]:
 @torch.no_grad()
 def visible_keys(config, batch) -> dict:
     """Update-phase visible keys per real regular query (dense mask, one row at a time)."""
-    dense = replace(config, backend="dense")
     visible = queries = keys_total = 0
     summary_visible = summaries = 0
     for r in range(batch.ids.shape[0]):
-        side = [t[r : r + 1] for t in batch.side]
-        masks = build_masks(dense, regular_stream(*side))
-        real = side[-1][0] >= 0
-        update = masks.update[0, 0][real]
+        regular = regular_stream(*(t[r : r + 1] for t in batch.side))
+        summary = summary_stream(regular)
+        keys = summary.cat(regular)
+        real = regular.doc[0] >= 0
+        update = dense_mask(config.rules, regular, keys)[0, 0][real]
         visible += int(update.sum())
         queries += int(real.sum())
         keys_total += int(real.sum()) * update.shape[-1]
-        real_s = masks.summary.doc[0] >= 0
-        summary_visible += int(masks.summarize[0, 0][real_s].sum())
+        real_s = summary.doc[0] >= 0
+        summary_visible += int(dense_mask(config.rules, summary, keys)[0, 0][real_s].sum())
         summaries += int(real_s.sum())
-        del masks
     return {"visible": visible, "queries": queries, "dense_pairs": keys_total,
             "summary_visible": summary_visible, "summaries": summaries}  # fmt: skip
 

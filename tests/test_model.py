@@ -15,6 +15,7 @@ from meloformer_model.model import (
     MeloFormer,
     ModelConfig,
     apply_rope,
+    attend,
     build_masks,
     dense_mask,
     expected_parameters,
@@ -172,6 +173,46 @@ def test_sdpa_matches_a_naive_per_token_attention(pieces):
     torch.testing.assert_close(fast, naive, rtol=1e-4, atol=1e-5)
 
 
+def _packed_batch(pieces):
+    """Row 0: three documents back to back; row 1: one document, then padding."""
+    rows = [[tensors(pieces[0], 150), tensors(pieces[2], 120), tensors(pieces[3], 130)],
+            [tensors(pieces[1], 260)]]  # fmt: skip
+    side, docs = [], []
+    for parts in rows:
+        side.append([torch.cat([p[i] for p in parts], 1) for i in range(1, 5)])
+        doc = torch.cat([torch.full((1, p[0].shape[1]), d) for d, p in enumerate(parts)], 1)
+        docs.append(F.pad(doc, (0, 400 - doc.shape[1]), value=-1))
+        side[-1] = [F.pad(t, (0, 400 - t.shape[1])) for t in side[-1]]
+    return regular_stream(*(torch.cat(ts, 0) for ts in zip(*side)), torch.cat(docs, 0))
+
+
+def test_per_document_attention_equals_whole_row_attention(pieces):
+    """The dense backend attends document by document; that must equal SDPA over whole rows
+    with the whole-row mask (padding included, grouped-query heads)."""
+    regular = _packed_batch(pieces)
+    masks = build_masks(ModelConfig(V), regular)
+    keys = masks.summary.cat(regular)
+    n_sum = masks.summary.doc.shape[1]
+    torch.manual_seed(3)
+    for queries, doc_masks in ((masks.summary, masks.summarize), (regular, masks.update)):
+        whole = dense_mask(ModelConfig(V).rules, queries, keys)
+        assert doc_masks.visible_entries() == int(whole.count_nonzero())
+        q = torch.randn(2, 4, queries.doc.shape[1], 16, dtype=torch.float64)
+        k = torch.randn(2, 2, keys.doc.shape[1], 16, dtype=torch.float64)
+        v = torch.randn(2, 2, keys.doc.shape[1], 16, dtype=torch.float64)
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=whole, enable_gqa=True)
+        split = ((k[:, :, :n_sum], k[:, :, n_sum:]), (v[:, :, :n_sum], v[:, :, n_sum:]))
+        got = attend(q, *split, doc_masks, "dense")
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_a_document_split_in_two_runs_is_refused(pieces):
+    ids, *side = tensors(pieces[0], 90)
+    doc = torch.tensor([[0] * 30 + [1] * 30 + [0] * 30])
+    with pytest.raises(ValueError, match="document 0 is split"):
+        build_masks(ModelConfig(V), regular_stream(*side, doc))
+
+
 def test_rope_is_a_rotation_and_shift_invariant():
     torch.manual_seed(2)
     x = torch.randn(1, 2, 50, 64)
@@ -253,11 +294,13 @@ def test_flex_backend_agrees_with_dense(pieces):
     model = MeloFormer(model_config("tiny", V)).eval()
     ids, *side = tensors(pieces[1], 384)
     regular = regular_stream(*side)
+    keys = summary_stream(regular).cat(regular)
     dense = build_masks(model.config, regular)
     flex_model = MeloFormer(model_config("tiny", V, backend="flex")).eval()
     flex_model.load_state_dict(model.state_dict())
     flex = build_masks(flex_model.config, regular)
-    for dense_mask_, block_mask in ((dense.summarize, flex.summarize), (dense.update, flex.update)):
+    for queries, block_mask in ((flex.summary, flex.summarize), (regular, flex.update)):
+        dense_mask_ = dense_mask(model.config.rules, queries, keys)
         q_blocks, k_blocks = block_mask.to_dense().shape[-2:]
         size = block_mask.BLOCK_SIZE
         pad_k = k_blocks * size[1] - dense_mask_.shape[-1]

@@ -200,12 +200,13 @@ def train(
     stream = _batches(train_loader, state["epoch"], state["batch"])
     history = state["history"]
     started = time.perf_counter()
-    tokens_seen = 0
+    tokens_seen, step_seconds = 0, 0.0  # tokens/s counts training steps, not eval or saving
     end = min(config.max_steps, stop_at or config.max_steps)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     last_saved = None
     while state["step"] < end:
+        step_started = time.perf_counter()
         micro = []
         for _ in range(config.grad_accum):
             epoch, index, batch = next(stream)
@@ -230,6 +231,9 @@ def train(
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        step_seconds += time.perf_counter() - step_started
         state["step"] += 1
         record = {"step": state["step"], "loss": total * world / targets, "lr": lr,
                   "grad_norm": grad_norm}  # fmt: skip
@@ -246,7 +250,7 @@ def train(
     wall = time.perf_counter() - started
     if world > 1:
         dist.barrier()  # rank 0's checkpoint is on disk before any rank reports it
-    tokens_per_second = tokens_seen * world / wall if wall else 0.0
+    tokens_per_second = tokens_seen * world / step_seconds if step_seconds else 0.0
     params = expected_parameters(model_cfg)
     # PaLM-style count: 6 N per token plus causal attention 6 L C T (no recomputation counted)
     per_token = 6 * params + 6 * model_cfg.n_layer * model_cfg.n_embd * config.seq_len
