@@ -383,7 +383,9 @@ def document_masks(rules: AttentionRules, summaries: Stream, regular: Stream) ->
 
 
 def flex_block_mask(rules: AttentionRules, queries: Stream, keys: Stream):
-    """FlexAttention block mask from the same predicate (compiled; per sample)."""
+    """FlexAttention block mask from the same predicate (per sample). Compiled on GPU; on CPU
+    built eagerly: torch 2.13's inductor CPU codegen fails to compile it (VecMask<int> vs
+    VecMask<float>) whenever the key length is a multiple of 128, and CPU flex is a test path."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -392,7 +394,13 @@ def flex_block_mask(rules: AttentionRules, queries: Stream, keys: Stream):
     batch, q_len = queries.doc.shape
     kv_len = keys.doc.shape[1]
     return create_block_mask(
-        mask_mod, batch, None, q_len, kv_len, device=queries.doc.device, _compile=True
+        mask_mod,
+        batch,
+        None,
+        q_len,
+        kv_len,
+        device=queries.doc.device,
+        _compile=queries.doc.device.type == "cuda",
     )
 
 
