@@ -222,11 +222,16 @@ def hid_tokens(context: dg.AssetExecutionContext, storage: CorpusStorage) -> dg.
     )
 
 
-def _current_shards(context: dg.AssetExecutionContext, storage: CorpusStorage) -> list[str]:
+def current_shards(instance: dg.DagsterInstance, storage: CorpusStorage) -> list[str]:
     """Shards registered in the instance and still present in the corpus registry."""
     registry = load_registry(storage.registry_path)
-    registered = set(context.instance.get_dynamic_partitions(midi_shards.name))
+    registered = set(instance.get_dynamic_partitions(midi_shards.name))
     return sorted(registered & set(registry["shard"].unique().to_list()))
+
+
+def token_files(storage: CorpusStorage, shards: list[str]) -> dict[str, Path]:
+    """The hid_tokens output of each shard (for the current token version)."""
+    return {s: _shard_output(storage, "hid_tokens", TOKEN_VERSION, s) for s in shards}
 
 
 @dg.asset(
@@ -237,7 +242,7 @@ def _current_shards(context: dg.AssetExecutionContext, storage: CorpusStorage) -
 )
 def vocabulary(context: dg.AssetExecutionContext, storage: CorpusStorage) -> dg.MaterializeResult:
     vocab = Vocabulary(TOKENIZER_CONFIG)
-    shards = _current_shards(context, storage)
+    shards = current_shards(context.instance, storage)
     for shard in shards:
         counts = _shard_output(storage, "hid_tokens", TOKEN_VERSION, shard).with_suffix(
             ".counts.json"
@@ -284,15 +289,15 @@ def latest_dataset_path(storage: CorpusStorage) -> Path | None:
 def arrow_dataset(
     context: dg.AssetExecutionContext, storage: CorpusStorage
 ) -> dg.MaterializeResult:
-    shards = _current_shards(context, storage)
-    token_files = {s: _shard_output(storage, "hid_tokens", TOKEN_VERSION, s) for s in shards}
-    missing = [str(p) for p in token_files.values() if not p.exists()]
+    shards = current_shards(context.instance, storage)
+    tokens = token_files(storage, shards)
+    missing = [str(p) for p in tokens.values() if not p.exists()]
     if missing:
         raise dg.Failure(f"hid_tokens missing for {len(missing)} shard(s): {missing[:3]}")
     vocab = Vocabulary.load(latest_vocabulary_path(storage), expected=TOKENIZER_CONFIG)
     root = storage.stage_dir("arrow_dataset", DATASET_VERSION)
     build = build_arrow_dataset(
-        token_files, root, DATASET_CONFIG, vocab.config_hash(), latest_dataset_path(storage)
+        tokens, root, DATASET_CONFIG, vocab.config_hash(), latest_dataset_path(storage)
     )
     write_bytes_atomic(root / LATEST, build.version.encode())
     context.instance.add_dynamic_partitions(DATASET_VERSIONS, [build.version])

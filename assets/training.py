@@ -12,9 +12,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.checks import CHECK_NAMES
 from assets.config import DATASET_VERSION, TOKENIZER_CONFIG
 from assets.corpus import arrow_dataset, latest_vocabulary_path
+from meloformer_model.data.dataset_checks import CHECK_NAMES
 from meloformer_model.tokenizer.vocab import Vocabulary
 from pipelines.resources import CorpusStorage, TrainingSettings
 

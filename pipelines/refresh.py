@@ -1,10 +1,24 @@
-"""Corpus refresh: find new and changed files, register new shards, say which shards to run."""
+"""Corpus refresh: find new and changed files, register new shards, say which shards to run,
+and whether the dataset built last is still the one the shards make."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import dagster as dg
 from dagster import DagsterInstance
 
+from assets.config import DATASET_CONFIG, VOCABULARY_VERSION
+from assets.corpus import (
+    arrow_dataset,
+    current_shards,
+    hid_tokens,
+    latest_dataset_path,
+    token_files,
+    vocabulary,
+)
 from assets.partitions import midi_shards
+from meloformer_model.data.dataset import plan_dataset
+from meloformer_model.data.dataset_checks import CHECK_NAMES
 from meloformer_model.data.shards import load_registry, plan_shards, save_registry
 from pipelines.resources import CorpusStorage
 
@@ -31,3 +45,51 @@ def plan_refresh(storage: CorpusStorage, instance: DagsterInstance) -> Refresh:
     return Refresh(
         new_shards=new, to_run=sorted(set(plan.to_process) | set(new)), files=plan.registry.height
     )
+
+
+def current_dataset(storage: CorpusStorage, instance: DagsterInstance) -> Path | None:
+    """The latest dataset version if rebuilding would give the same one and its blocking checks
+    passed on it; None when ``dataset_job`` has to run.
+
+    Current means: it is the latest ``arrow_dataset`` materialization; no ``hid_tokens``
+    materialization came after it or after the latest ``vocabulary``, and no ``vocabulary`` after
+    it; every check's latest evaluation passed and targeted that materialization; and the version
+    ``build_arrow_dataset`` would compute now from the current shards' token files (content
+    hashes and the vocabulary config) is its version.
+    """
+    path = latest_dataset_path(storage)
+    latest = instance.fetch_materializations(arrow_dataset.key, limit=1).records
+    vocab = instance.fetch_materializations(vocabulary.key, limit=1).records
+    if path is None or not latest or not vocab:
+        return None
+    record = latest[0]
+    recorded_path = record.asset_materialization.metadata.get("path")
+    if recorded_path is None or recorded_path.value != str(path):
+        return None
+    since = {
+        hid_tokens.key: min(record.storage_id, vocab[0].storage_id),
+        vocabulary.key: record.storage_id,
+    }
+    for upstream, storage_id in since.items():
+        after = dg.AssetRecordsFilter(asset_key=upstream, after_storage_id=storage_id)
+        if instance.fetch_materializations(after, limit=1).records:
+            return None
+    for name in CHECK_NAMES:
+        check = instance.get_latest_asset_check_evaluation_record(
+            dg.AssetCheckKey(arrow_dataset.key, name)
+        )
+        evaluation = check.evaluation if check is not None else None
+        target = evaluation.target_materialization_data if evaluation is not None else None
+        if not (evaluation and evaluation.passed and target):
+            return None
+        if target.storage_id != record.storage_id:
+            return None
+    tokens = token_files(storage, current_shards(instance, storage))
+    if not tokens or not all(p.exists() for p in tokens.values()):
+        return None
+    vocabulary_pointer = storage.stage_dir("vocabulary", VOCABULARY_VERSION) / "LATEST"
+    if not vocabulary_pointer.exists():
+        return None
+    if plan_dataset(tokens, DATASET_CONFIG, VOCABULARY_VERSION).version != path.name:
+        return None
+    return path

@@ -13,7 +13,7 @@ import dagster as dg
 from assets.corpus import latest_dataset_path
 from pipelines.definitions import defs
 from pipelines.jobs import dataset_job, shard_job, training_job
-from pipelines.refresh import plan_refresh
+from pipelines.refresh import current_dataset, plan_refresh
 from pipelines.resources import storage_from_env
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
@@ -32,15 +32,20 @@ def run_corpus_pipeline(instance: dg.DagsterInstance) -> bool:
             print(f"shard {shard} failed; see the run in the Dagster UI", file=sys.stderr)
             return False
         print(f"  {shard}: done")
-    result = defs.resolve_job_def(dataset_job.name).execute_in_process(
-        instance=instance, run_config=QUIET
-    )
-    for evaluation in result.get_asset_check_evaluations():
-        status = "passed" if evaluation.passed else "FAILED"
-        print(f"  check {evaluation.check_name}: {status}")
-    dataset = latest_dataset_path(storage)
+    dataset = None if refresh.to_run else current_dataset(storage, instance)
+    if dataset is not None:  # nothing changed since the dataset was built and checked
+        print(f"  dataset {dataset.name} is current and its checks passed: dataset_job skipped")
+        built = True
+    else:
+        result = defs.resolve_job_def(dataset_job.name).execute_in_process(
+            instance=instance, run_config=QUIET
+        )
+        for evaluation in result.get_asset_check_evaluations():
+            status = "passed" if evaluation.passed else "FAILED"
+            print(f"  check {evaluation.check_name}: {status}")
+        dataset, built = latest_dataset_path(storage), result.success
     print(f"artifacts under {storage.root}; dataset: {dataset}")
-    if not result.success:
+    if not built:
         return False
     training = defs.resolve_job_def(training_job.name)
     result = training.execute_in_process(

@@ -11,6 +11,7 @@ from pathlib import Path
 import dagster as dg
 import datasets
 import polars as pl
+import pyarrow as pa
 import pytest
 from symusic import Score
 
@@ -21,11 +22,14 @@ from assets.corpus import (
     filtered_midi,
     hid_tokens,
     latest_dataset_path,
+    latest_vocabulary_path,
     vocabulary,
 )
 from assets.partitions import midi_shards
+from meloformer_model.data import dataset_checks
 from meloformer_model.data.corrupt import CORRUPT_CASES
-from pipelines.refresh import plan_refresh
+from meloformer_model.data.dataset import MANIFEST, SCHEMA
+from pipelines.refresh import current_dataset, plan_refresh
 from pipelines.resources import CorpusStorage
 from pipelines.schedules import corpus_refresh_schedule
 from pipelines.sensors import midi_corpus_sensor
@@ -187,6 +191,193 @@ def test_changed_file_reruns_only_its_shard(pipeline, sample_files):
     shard_size = registry.filter(pl.col("shard") == target["shard"]).height
     assert (meta["inspected"], meta["reused"]) == (1, shard_size - 1)
     assert metadata(result, hid_tokens)["tokenized"] == 1
+
+
+# Corruptions of a copy of the materialized dataset, and the checks each one must fail.
+def _edit_stream(dataset: Path, split: str, edit) -> None:
+    """Rewrite the split's first shard stream with ``edit(rows, dataset) -> rows``."""
+    path = sorted((dataset / split).glob("data-*.arrow"))[0]
+    rows = pa.ipc.open_stream(pa.memory_map(str(path))).read_all().to_pylist()
+    rows = edit(rows, dataset)
+    path.unlink()  # a fresh file, not a write through a hard link into other versions
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as writer:
+        writer.write_table(pa.Table.from_pylist(rows, schema=SCHEMA))
+
+
+def _first_row(dataset: Path, split: str = "train") -> dict:
+    for path in sorted((dataset / split).glob("data-*.arrow")):
+        rows = pa.ipc.open_stream(pa.memory_map(str(path))).read_all().to_pylist()
+        if rows:
+            return rows[0]
+    raise AssertionError(f"no rows in {dataset / split}")
+
+
+def _nonempty(rows: list[dict]) -> list[dict]:
+    assert rows, "the first train shard is empty"
+    return rows
+
+
+def _id_out_of_range(rows, dataset):
+    rows = _nonempty(rows)
+    rows[0]["ids"][0] = 100_000
+    return rows
+
+
+def _ragged(rows, dataset):
+    rows = _nonempty(rows)
+    rows[0]["bar"] = rows[0]["bar"][:-1]
+    return rows
+
+
+def _empty(rows, dataset):
+    rows = _nonempty(rows)
+    rows[0].update(length=0, ids=[], bar=[], instrument=[], token_type=[], onset_group=[])
+    return rows
+
+
+def _duplicate(rows, dataset):
+    return _nonempty(rows) + [dict(rows[0], path="copy.mid")]
+
+
+def _train_row_in_valid(rows, dataset):
+    return rows + [dict(_first_row(dataset), path="moved.mid")]
+
+
+def _edit_manifest(dataset: Path, edit) -> None:
+    manifest = json.loads((dataset / MANIFEST).read_text())
+    edit(manifest["splits"]["train"]["buckets"])
+    (dataset / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _bucket_sum(buckets):
+    next(iter(buckets.values()))["sequences"] += 1
+
+
+def _bucket_shift(buckets):  # the sums stay right; the split into buckets does not
+    full = [b for b in buckets.values() if b["sequences"]]
+    assert len(full) >= 2, "needs two length buckets"
+    full[0]["sequences"] -= 1
+    full[1]["sequences"] += 1
+
+
+def _zero_count(dataset: Path, vocab: Path) -> Path:
+    data = json.loads(vocab.read_text())
+    data["counts"][_first_row(dataset)["ids"][0]] = 0
+    edited = dataset.parent / "vocab.json"
+    edited.write_text(json.dumps(data))
+    return edited
+
+
+CORRUPTIONS = {
+    "id_out_of_range": (lambda d: _edit_stream(d, "train", _id_out_of_range),
+                        {"vocabulary_covers_dataset"}),
+    "id_without_count": (None, {"vocabulary_covers_dataset"}),
+    "train_row_in_valid": (lambda d: _edit_stream(d, "valid", _train_row_in_valid),
+                           {"splits_do_not_overlap", "buckets_sum_to_totals"}),
+    "duplicate_in_split": (lambda d: _edit_stream(d, "train", _duplicate),
+                           {"splits_do_not_overlap", "buckets_sum_to_totals"}),
+    "ragged_sequence": (lambda d: _edit_stream(d, "train", _ragged), {"sequences_not_empty"}),
+    "empty_sequence": (lambda d: _edit_stream(d, "train", _empty),
+                       {"sequences_not_empty", "buckets_sum_to_totals"}),
+    "bucket_sum": (lambda d: _edit_manifest(d, _bucket_sum), {"buckets_sum_to_totals"}),
+    "bucket_split": (lambda d: _edit_manifest(d, _bucket_shift), {"buckets_sum_to_totals"}),
+    "missing_file": (lambda d: sorted((d / "test").glob("data-*.arrow"))[0].unlink(),
+                     set(dataset_checks.CHECK_NAMES)),
+}  # fmt: skip
+
+
+def _dataset_copy(storage, tmp_path) -> Path:
+    copy = tmp_path / "dataset" / latest_dataset_path(storage).name
+    shutil.copytree(latest_dataset_path(storage), copy)  # real copies: edits stay in the copy
+    return copy
+
+
+def test_dataset_info_is_what_datasets_writes(pipeline):
+    storage = pipeline[0]
+    for split in ("train", "valid", "test"):
+        info = json.loads((latest_dataset_path(storage) / split / "dataset_info.json").read_text())
+        features = datasets.Features.from_arrow_schema(SCHEMA)
+        assert datasets.Features.from_dict(info["features"]) == features
+        assert info["description"] == "MeloFormer HID tokens"
+
+
+def test_checks_pass_on_the_dataset(pipeline, tmp_path):
+    storage = pipeline[0]
+    results = dataset_checks.evaluate(
+        _dataset_copy(storage, tmp_path), latest_vocabulary_path(storage)
+    )
+    assert {name: passed for name, (passed, _) in results.items()} == dict.fromkeys(
+        dataset_checks.CHECK_NAMES, True
+    )
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_each_check_fails_on_its_corruption(pipeline, tmp_path, case):
+    storage = pipeline[0]
+    dataset = _dataset_copy(storage, tmp_path)
+    vocab = latest_vocabulary_path(storage)
+    corrupt, expected = CORRUPTIONS[case]
+    if corrupt is None:
+        vocab = _zero_count(dataset, vocab)
+    else:
+        corrupt(dataset)
+    results = dataset_checks.evaluate(dataset, vocab)
+    failed = {name for name, (passed, _) in results.items() if not passed}
+    assert failed == expected, results
+    for name in dataset_checks.CHECK_NAMES:  # each check can also run alone (a subset in the UI)
+        assert dataset_checks.evaluate(dataset, vocab, (name,))[name][0] == (name not in expected)
+
+
+def test_failing_check_blocks_and_is_recorded(pipeline, tmp_path):
+    """A corrupted dataset: the check step fails (blocking), its evaluation is recorded as
+    failed (what training reads before it starts), and the dataset is no longer current."""
+    storage, instance, _, _ = pipeline
+    run_dataset(storage, instance)  # current: the copy's arrow_dataset step reuses its files
+    root = tmp_path / "data"
+    shutil.copytree(storage.root, root)  # a real copy: the edit stays out of the fixture's data
+    copy = CorpusStorage(corpus_dir=storage.corpus_dir, data_root=str(root), shard_size=SHARD_SIZE)
+    other = dg.DagsterInstance.ephemeral()
+    other.add_dynamic_partitions(midi_shards.name, instance.get_dynamic_partitions("midi_shards"))
+    _edit_stream(latest_dataset_path(copy), "train", _ragged)
+    result = dg.materialize(
+        [arrow_dataset, *CHECKS], instance=other, resources={"storage": copy}, raise_on_error=False
+    )
+    assert not result.success
+    evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert evaluations == {
+        **dict.fromkeys(dataset_checks.CHECK_NAMES, True),
+        "sequences_not_empty": False,
+    }
+    record = other.get_latest_asset_check_evaluation_record(
+        dg.AssetCheckKey(arrow_dataset.key, "sequences_not_empty")
+    )
+    assert record.evaluation is not None and not record.evaluation.passed
+    assert current_dataset(copy, other) is None
+
+
+def test_current_dataset_only_when_nothing_changed(pipeline, sample_files):
+    storage, instance, _, _ = pipeline
+    refresh_and_run(storage, instance)
+    run_dataset(storage, instance)
+    assert current_dataset(storage, instance) == latest_dataset_path(storage)
+    # a dataset rebuilt without its checks is not current: its checks never ran on it
+    dg.materialize([vocabulary, arrow_dataset], instance=instance, resources={"storage": storage})
+    assert current_dataset(storage, instance) is None
+    run_dataset(storage, instance)
+    assert current_dataset(storage, instance) == latest_dataset_path(storage)
+    # a shard run again: stale; the dataset rebuilt and checked without the vocabulary: still so
+    run_shard(storage, instance, instance.get_dynamic_partitions("midi_shards")[0])
+    assert current_dataset(storage, instance) is None
+    dg.materialize([arrow_dataset, *CHECKS], instance=instance, resources={"storage": storage})
+    assert current_dataset(storage, instance) is None
+    run_dataset(storage, instance)
+    assert current_dataset(storage, instance) == latest_dataset_path(storage)
+    # new files: once their shard has run, the dataset is stale until dataset_job runs again
+    _variant(sample_files[N_GOOD + 10], Path(storage.corpus_dir) / "newer.mid", 3)
+    assert refresh_and_run(storage, instance)
+    assert current_dataset(storage, instance) is None
+    run_dataset(storage, instance)
+    assert current_dataset(storage, instance) == latest_dataset_path(storage)
 
 
 def test_sensor_requests_new_shards_then_skips(tmp_path, sample_files):

@@ -125,24 +125,61 @@ def _write_stream(table: pa.Table, path: Path) -> None:
         writer.write_table(table)
 
 
+SCHEMA = pa.schema(
+    [("path", pa.string()), ("content_hash", pa.string()), ("length", pa.int32()),
+     ("ids", pa.list_(pa.int32())), ("bar", pa.list_(pa.int32())),
+     ("instrument", pa.list_(pa.int16())), ("token_type", pa.list_(pa.int8())),
+     ("onset_group", pa.list_(pa.int32()))]
+)  # fmt: skip
+DESCRIPTION = "MeloFormer HID tokens"
+LIST_COLUMNS = ("ids", "bar", "instrument", "token_type", "onset_group")
+
+
 def _empty_table() -> pa.Table:
-    schema = pa.schema(
-        [("path", pa.string()), ("content_hash", pa.string()), ("length", pa.int32()),
-         ("ids", pa.list_(pa.int32())), ("bar", pa.list_(pa.int32())),
-         ("instrument", pa.list_(pa.int16())), ("token_type", pa.list_(pa.int8())),
-         ("onset_group", pa.list_(pa.int32()))]
-    )  # fmt: skip
-    return schema.empty_table()
+    return pa.Table.from_batches([], schema=SCHEMA)  # (Schema.empty_table imports pandas)
 
 
-def build_arrow_dataset(
-    token_shards: dict[str, Path],
-    out_root: Path,
-    config: DatasetConfig,
-    vocab_hash: str,
-    previous: Path | None = None,
-) -> DatasetBuild:
-    """Assemble the dataset version for these token shards (``shard -> parquet``)."""
+class DatasetReadError(ValueError):
+    """A dataset version's files are missing, unreadable or not in the expected schema."""
+
+
+def open_splits(path: Path, columns: tuple[str, ...] = COLUMNS) -> dict[str, pa.Table]:
+    """Each split of a dataset version as one Arrow table, ``columns`` only, straight from the
+    per-shard stream files its ``state.json`` lists (what ``datasets.load_from_disk`` maps):
+    memory-mapped, so a scan reads only the pages of the columns it touches."""
+    tables = {}
+    for split in SPLITS:
+        folder = path / split
+        parts = [_empty_table().select(list(columns))]
+        try:
+            state = json.loads((folder / "state.json").read_text())
+            for name in [entry["filename"] for entry in state["_data_files"]]:
+                table = pa.ipc.open_stream(pa.memory_map(str(folder / name))).read_all()
+                if not table.schema.equals(SCHEMA):
+                    raise DatasetReadError(f"{folder / name}: schema {table.schema}, not {SCHEMA}")
+                parts.append(table.select(list(columns)))
+        except (OSError, KeyError, TypeError, pa.ArrowException, json.JSONDecodeError) as exc:
+            raise DatasetReadError(f"{folder}: {type(exc).__name__}: {exc}") from exc
+        tables[split] = pa.concat_tables(parts)
+    return tables
+
+
+@dataclass
+class DatasetPlan:
+    """What a build of these token shards produces: its version, and per shard the rows kept
+    (after cross-shard dedup) and the fingerprint that decides whether its files are reused."""
+
+    version: str
+    settings: dict
+    kept: dict[str, list[str]]
+    fingerprints: dict[str, str]
+
+
+def plan_dataset(
+    token_shards: dict[str, Path], config: DatasetConfig, vocab_hash: str
+) -> DatasetPlan:
+    """The dataset version for these token shards (``shard -> parquet``), from their key columns
+    only (path, file hash, content hash): cheap enough to ask whether a version is current."""
     if not token_shards:
         raise ValueError("no tokenized shards: materialize hid_tokens for at least one shard")
     keys = {
@@ -157,7 +194,20 @@ def build_arrow_dataset(
         shard: _digest(settings, keys[shard].select("path", "file_hash").rows(), kept[shard])
         for shard in sorted(keys)
     }
-    version = _digest(settings, fingerprints)
+    return DatasetPlan(_digest(settings, fingerprints), settings, kept, fingerprints)
+
+
+def build_arrow_dataset(
+    token_shards: dict[str, Path],
+    out_root: Path,
+    config: DatasetConfig,
+    vocab_hash: str,
+    previous: Path | None = None,
+) -> DatasetBuild:
+    """Assemble the dataset version for these token shards (``shard -> parquet``)."""
+    plan = plan_dataset(token_shards, config, vocab_hash)
+    version, fingerprints = plan.version, plan.fingerprints
+    shards = sorted(fingerprints)
     target = out_root / version
     if (target / MANIFEST).exists():
         manifest = json.loads((target / MANIFEST).read_text())
@@ -171,7 +221,7 @@ def build_arrow_dataset(
     shard_stats: dict[str, dict] = {}
     written, linked = [], []
     try:
-        for shard in sorted(keys):
+        for shard in shards:
             name = f"data-{shard}.arrow"
             reusable = (
                 old.get("shards", {}).get(shard, {}).get("fingerprint") == fingerprints[shard]
@@ -183,10 +233,10 @@ def build_arrow_dataset(
                 linked.append(shard)
                 continue
             shard_stats[shard] = _write_shard(
-                token_shards[shard], kept[shard], config, tmp, name, fingerprints[shard]
+                token_shards[shard], plan.kept[shard], config, tmp, name, fingerprints[shard]
             )
             written.append(shard)
-        manifest = _finish(tmp, sorted(keys), shard_stats, settings, version, config)
+        manifest = _finish(tmp, shards, shard_stats, plan.settings, version, config, out_root)
         out_root.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, target)
     finally:
@@ -223,12 +273,36 @@ def _write_shard(
     return stats
 
 
-def _finish(
-    tmp: Path, shards: list[str], shard_stats: dict, settings: dict, version: str, config
-) -> dict:
-    import datasets  # slow to import; only needed when a dataset is written
+def _dataset_info(out_root: Path, tmp: Path) -> bytes:
+    """A split's ``dataset_info.json`` (the features of ``SCHEMA``): written by ``datasets``
+    once per schema and ``datasets`` version, then read from a cache file in ``out_root``, so a
+    rebuild does not import ``datasets`` (about half a second)."""
+    from importlib.metadata import version as package_version
 
-    features = datasets.Features.from_arrow_schema(_empty_table().schema)
+    key = _digest(SCHEMA.to_string(show_schema_metadata=False), package_version("datasets"))
+    cache = out_root / f".dataset_info-{key}.json"
+    if cache.exists():
+        return cache.read_bytes()
+    import datasets  # slow to import: only for the first dataset of this schema
+
+    features = datasets.Features.from_arrow_schema(SCHEMA)
+    datasets.DatasetInfo(features=features, description=DESCRIPTION).write_to_directory(str(tmp))
+    data = (tmp / "dataset_info.json").read_bytes()
+    (tmp / "dataset_info.json").unlink()
+    write_bytes_atomic(cache, data)
+    return data
+
+
+def _finish(
+    tmp: Path,
+    shards: list[str],
+    shard_stats: dict,
+    settings: dict,
+    version: str,
+    config,
+    out_root: Path,
+) -> dict:
+    info = _dataset_info(out_root, tmp)
     splits = {}
     for split in SPLITS:
         per_shard = [shard_stats[s]["splits"][split] for s in shards]
@@ -247,9 +321,7 @@ def _finish(
             "_split": split,
         }
         write_bytes_atomic(tmp / split / "state.json", json.dumps(state, indent=2).encode())
-        datasets.DatasetInfo(
-            features=features, description="MeloFormer HID tokens"
-        ).write_to_directory(str(tmp / split))
+        write_bytes_atomic(tmp / split / "dataset_info.json", info)
     write_bytes_atomic(tmp / "dataset_dict.json", json.dumps({"splits": list(SPLITS)}).encode())
     manifest = {
         "version": version,

@@ -26,6 +26,7 @@ REGISTRY_SCHEMA = {
     "shard": pl.String,
 }
 DEFAULT_SHARD_SIZE = 1024
+HASH_BLOCK = 1 << 20
 
 
 def shard_key(index: int) -> str:
@@ -35,25 +36,42 @@ def shard_key(index: int) -> str:
 def file_hash(path: Path) -> str:
     """Hash of the raw bytes: identical files share it whatever their name or timestamp."""
     digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
+    with open(path, "rb", buffering=0) as fh:  # MIDI files are small: usually one read
+        for block in iter(lambda: fh.read(HASH_BLOCK), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
 def scan_folder(corpus_dir: Path) -> pl.DataFrame:
-    """Relative path, size and mtime of every MIDI file under the folder (recursively)."""
-    rows = []
-    for root, _, names in os.walk(corpus_dir):
-        for name in names:
-            if not name.lower().endswith(MIDI_SUFFIXES) or name.startswith("."):
-                continue
-            full = Path(root) / name
-            stat = full.stat()
-            rel = full.relative_to(corpus_dir).as_posix()
-            rows.append({"path": rel, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-    schema = {k: REGISTRY_SCHEMA[k] for k in ("path", "size", "mtime_ns")}
-    return pl.DataFrame(rows, schema=schema).sort("path")
+    """Relative path, size and mtime of every MIDI file under the folder (recursively, not
+    into symlinked folders; hidden files skipped)."""
+    paths: list[str] = []
+    sizes: list[int] = []
+    mtimes: list[int] = []
+    todo = [(os.fspath(corpus_dir), "")]
+    while todo:
+        folder, prefix = todo.pop()
+        try:
+            entries = os.scandir(folder)
+        except OSError:  # like os.walk: an unreadable subfolder is skipped
+            if not prefix:
+                raise
+            continue
+        with entries:
+            for entry in entries:
+                name = entry.name
+                if entry.is_dir():
+                    if not entry.is_symlink():
+                        todo.append((entry.path, f"{prefix}{name}/"))
+                    continue
+                if name.startswith(".") or not name.lower().endswith(MIDI_SUFFIXES):
+                    continue
+                stat = entry.stat()
+                paths.append(prefix + name)
+                sizes.append(stat.st_size)
+                mtimes.append(stat.st_mtime_ns)
+    columns = {"path": paths, "size": sizes, "mtime_ns": mtimes}
+    return pl.DataFrame(columns, schema={k: REGISTRY_SCHEMA[k] for k in columns}).sort("path")
 
 
 def fingerprint(frame: pl.DataFrame) -> str:
@@ -93,27 +111,25 @@ def plan_shards(
     if not corpus_dir.is_dir():
         raise FileNotFoundError(f"corpus folder {corpus_dir} does not exist")
     listing = scan_folder(corpus_dir)
-    joined = listing.join(registry, on="path", how="left", suffix="_old")
+    previous = registry.rename({"file_hash": "file_hash_old"})
+    joined = listing.join(previous, on="path", how="left", suffix="_old")
     untouched = (pl.col("size") == pl.col("size_old")) & (
         pl.col("mtime_ns") == pl.col("mtime_ns_old")
     )
     joined = joined.with_columns(
-        pl.when(untouched).then(pl.col("file_hash")).otherwise(None).alias("file_hash")
+        pl.when(untouched).then(pl.col("file_hash_old")).otherwise(None).alias("file_hash")
     )
     needs_hash = joined.filter(pl.col("file_hash").is_null())["path"].to_list()
     hashes = {path: file_hash(corpus_dir / path) for path in needs_hash}
     joined = joined.with_columns(
         pl.col("file_hash").fill_null(pl.col("path").replace_strict(hashes, default=None))
     )
-    old_hash = dict(zip(registry["path"].to_list(), registry["file_hash"].to_list()))
-    changed = {
-        shard
-        for path, digest, shard in joined.select("path", "file_hash", "shard").iter_rows()
-        if shard is not None and old_hash.get(path) != digest
-    }
-    present = set(listing["path"].to_list())
-    removed = registry.filter(~pl.col("path").is_in(present))
-    changed |= set(removed["shard"].to_list())
+    changed_rows = pl.col("shard").is_not_null() & pl.col("file_hash").ne_missing(
+        pl.col("file_hash_old")
+    )
+    changed = set(joined.filter(changed_rows)["shard"].unique().to_list())
+    removed = registry.join(listing.select("path"), on="path", how="anti")
+    changed |= set(removed["shard"].unique().to_list())
 
     existing = joined.filter(pl.col("shard").is_not_null())
     new_files = joined.filter(pl.col("shard").is_null()).sort("path")

@@ -44,7 +44,12 @@ def _scan_track(data: bytes, i: int, end: int) -> tuple[int, int]:
     note_ons = 0
     status = 0
     while i < end:
-        _, i = _read_vlq(data, i, end)
+        if data[i] < 0x80:  # delta times of one or two bytes, nearly all of them: no call
+            i += 1
+        elif i + 1 < end and data[i + 1] < 0x80:
+            i += 2
+        else:
+            _, i = _read_vlq(data, i, end)
         if i >= end:
             raise SmfStructureError(f"event missing after delta time at byte {i}")
         byte = data[i]

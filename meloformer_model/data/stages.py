@@ -18,7 +18,7 @@ import polars as pl
 
 from meloformer_model.data.corpus import INSPECTION_SCHEMA, inspection_frame, mark_duplicates
 from meloformer_model.data.filtering import FileReport, FilterConfig, inspect_file
-from meloformer_model.data.parallel import map_with_progress
+from meloformer_model.data.parallel import map_with_progress, pool_workers
 from meloformer_model.data.tokenize_corpus import (
     CHORD_COLUMNS,
     TOKEN_COLUMNS,
@@ -97,7 +97,8 @@ def filter_shard(
     def compute(todo: pl.DataFrame) -> pl.DataFrame:
         items = [WorkItem(corpus_dir / p, p) for p in todo["path"].to_list()]
         work = partial(_inspect_item, config=config)
-        reports = map_with_progress(work, items, workers, "filter", progress, 16)
+        n = pool_workers(len(items), workers)
+        reports = map_with_progress(work, items, n, "filter", progress, 16)
         frame = inspection_frame(reports)
         return frame.with_columns(todo["file_hash"].alias("file_hash")).select(FILTER_COLUMNS)
 
@@ -135,7 +136,8 @@ def chord_shard(
     """Bar chords for the accepted rows (``path``, ``file_hash``, ``content_hash``)."""
 
     def compute(todo: pl.DataFrame) -> pl.DataFrame:
-        results = annotate_chords(_items(corpus_dir, todo, False), config, workers, progress)
+        n = pool_workers(todo.height, workers)
+        results = annotate_chords(_items(corpus_dir, todo, False), config, n, progress)
         return _with_keys(todo, results_table(results, CHORD_COLUMNS, {}))
 
     return _incremental(accepted.select(*KEY, "content_hash"), previous, compute)
@@ -153,7 +155,8 @@ def token_shard(
     annotated = chords.filter(pl.col("error").is_null())
 
     def compute(todo: pl.DataFrame) -> pl.DataFrame:
-        results = tokenize_files(_items(corpus_dir, todo, True), config, workers, progress)
+        n = pool_workers(todo.height, workers)
+        results = tokenize_files(_items(corpus_dir, todo, True), config, n, progress)
         return _with_keys(todo, results_table(results, TOKEN_COLUMNS, {}))
 
     return _incremental(annotated.select(*KEY, "content_hash", "chords"), previous, compute)
