@@ -28,9 +28,12 @@ RSS (VmHWM) is reset through ``/proc/self/clear_refs`` and read back after the r
 before it (falls back to ``ru_maxrss`` growth of a first run where clear_refs is unavailable).
 "Attention memory" is the working memory of the call: inputs (q, k, v, the mask) exist before.
 Activation memory of a train step: peak growth over the steady state (parameters and AdamW
-state allocated, gradients freed) minus the fp32 gradients, divided by n_layer; masks are built
-(and timed) apart from the step and loaded, so their build peak is not in it. A forward under
-``saved_tensors_hooks`` lists what autograd keeps, the additive masks apart.
+state allocated, gradients freed) minus the fp32 gradients; masks are built (and timed) apart
+from the step and loaded, so their build peak is not in it. Activation memory *per layer* is
+what one more layer adds: the same step at twice the depth (memory only), (deep - base) / extra
+layers, so the costs that do not grow with depth (logits and loss, and with checkpointing the
+one layer recomputed at a time) cancel; they stay in the whole-step figure reported beside it.
+A forward under ``saved_tensors_hooks`` lists what autograd keeps, the additive masks apart.
 
 FLOPs of a train step: 6 x parameters x tokens (regular tokens skip wk2/wv2; summaries count
 too) + attention over the *visible* entries only (12 x head_dim x heads per entry and layer,
@@ -529,8 +532,13 @@ def child_causal(spec: dict) -> dict:
 def _train_setup(spec: dict, length: int, ckpt: bool):
     device = spec["device"]
     data, regular = load_inputs(spec, length, device)
+    depth = {"n_layer": spec["n_layer"]} if spec.get("n_layer") else {}
     config = mm.model_config(
-        spec["size"], spec["vocab"], backend=spec["model_backend"], gradient_checkpointing=ckpt
+        spec["size"],
+        spec["vocab"],
+        backend=spec["model_backend"],
+        gradient_checkpointing=ckpt,
+        **depth,
     )
     ids = data["ids"]
     targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
@@ -576,7 +584,7 @@ def child_model(spec: dict) -> dict:
     result = measure(
         lambda: step(ids, targets, masks), device, memory, spec["repeats"], spec["budget_s"]
     )
-    if not spec["checkpointing"]:
+    if not spec["checkpointing"] and not spec.get("n_layer"):
         info["saved_tensors"] = saved_tensor_breakdown(model, ids, targets, masks, bf16, device)
     grads = 4 * n_params  # fp32 gradients, allocated during backward
     growth = result["peak_bytes"]
@@ -588,6 +596,7 @@ def child_model(spec: dict) -> dict:
         "peak_growth_bytes": growth,
         "activation_bytes": None if growth is None else growth - grads,
         "activation_bytes_per_layer": None if growth is None else (growth - grads) / config.n_layer,
+        "n_layer": config.n_layer,
     }
     return info
 
@@ -990,14 +999,17 @@ def main() -> None:
                 name = f"{length}/{'checkpointing' if ckpt else 'plain'}"
                 mask_file = workdir / f"masks-{length}.pt"
                 use_file = args.model_backend == "dense" and mask_file.exists()
-                models[name] = run(
-                    "model",
+                common = dict(
                     length=length,
                     checkpointing=ckpt,
                     model_backend=args.model_backend,
                     masks_in=str(mask_file) if use_file else None,
                     warmup_length=512 if kind == "cpu" else 0,
                 )
+                models[name] = run("model", **common)
+                # twice as deep, memory only: the difference is what each layer keeps
+                layers = 2 * mm.MODEL_SIZES[args.size]["n_layer"]
+                models[f"{name}/x2"] = run("model", **common, n_layer=layers, repeats=1)
 
         profile_result = None
         if args.profile_length and kind == "cpu":
@@ -1172,6 +1184,9 @@ def report(
     model_out = {}
     for name, m in models.items():
         length = int(name.split("/")[0])
+        if name.endswith("/x2"):  # memory-only runs at twice the depth, used below
+            model_out[name] = m
+            continue
         if "step" not in m:
             rows.append([name] + ["-"] * 9 + [m.get("error", "")[:50]])
             continue
@@ -1242,7 +1257,7 @@ def report(
             "step s",
             "mask s",
             "peak MiB",
-            "act/layer MiB",
+            "act/L MiB (whole)",
             "GFLOP/s",
             "of peak",
             "w/o masks",
@@ -1268,16 +1283,29 @@ def report(
                 f"additive masks {saved['float_mask_bytes'] / MB:,.0f} MiB "
                 f"({saved['float_mask_bytes'] / saved['total_bytes']:.0%}); largest: {top}"
             )
+
+    def per_extra_layer(name: str) -> float | None:
+        """Activation memory one more layer adds: (deep - base) / (extra layers)."""
+        base, deep = model_out.get(name, {}), model_out.get(f"{name}/x2", {})
+        a, b = base.get("activation_bytes"), deep.get("activation_bytes")
+        if a is None or b is None:
+            return None
+        base["activation_bytes_per_extra_layer"] = (b - a) / (deep["n_layer"] - base["n_layer"])
+        return base["activation_bytes_per_extra_layer"]
+
     checkpoint_ratios = {}
     for length in args.model_lengths:
-        plain = model_out.get(f"{length}/plain", {}).get("activation_bytes_per_layer")
-        ckpt = model_out.get(f"{length}/checkpointing", {}).get("activation_bytes_per_layer")
+        plain_name, ckpt_name = f"{length}/plain", f"{length}/checkpointing"
+        plain, ckpt = per_extra_layer(plain_name), per_extra_layer(ckpt_name)
         checkpoint_ratios[length] = ratio(plain, ckpt)
-        t_plain = model_out.get(f"{length}/plain", {}).get("step", {}).get("best_s")
-        t_ckpt = model_out.get(f"{length}/checkpointing", {}).get("step", {}).get("best_s")
+        totals = [model_out.get(n, {}).get("activation_bytes") for n in (plain_name, ckpt_name)]
+        t_plain = model_out.get(plain_name, {}).get("step", {}).get("best_s")
+        t_ckpt = model_out.get(ckpt_name, {}).get("step", {}).get("best_s")
         print(
-            f"  checkpointing at {length}: activation memory per layer "
-            f"{fmt_mb(plain)} -> {fmt_mb(ckpt)} MiB ({fmt_x(checkpoint_ratios[length])} less), "
+            f"  checkpointing at {length}: activation memory per layer (one more layer's) "
+            f"{fmt_mb(plain)} -> {fmt_mb(ckpt)} MiB ({fmt_x(checkpoint_ratios[length])} less); "
+            f"whole step {fmt_mb(totals[0])} -> {fmt_mb(totals[1])} MiB "
+            f"({fmt_x(ratio(*totals))} less, one layer's recomputation included); "
             f"step time {fmt_x(ratio(t_ckpt, t_plain))}"
         )
 
