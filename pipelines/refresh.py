@@ -7,7 +7,13 @@ from pathlib import Path
 import dagster as dg
 from dagster import DagsterInstance
 
-from assets.config import DATASET_CONFIG, VOCABULARY_VERSION
+from assets.config import (
+    CHORD_VERSION,
+    DATASET_CONFIG,
+    FILTER_VERSION,
+    TOKEN_VERSION,
+    VOCABULARY_VERSION,
+)
 from assets.corpus import (
     arrow_dataset,
     current_shards,
@@ -19,7 +25,12 @@ from assets.corpus import (
 from assets.partitions import midi_shards
 from meloformer_model.data.dataset import plan_dataset
 from meloformer_model.data.dataset_checks import CHECK_NAMES
-from meloformer_model.data.shards import load_registry, plan_shards, save_registry
+from meloformer_model.data.shards import (
+    load_registry,
+    plan_shards,
+    save_registry,
+    shard_digest,
+)
 from pipelines.resources import CorpusStorage
 
 
@@ -28,13 +39,17 @@ class Refresh:
     new_shards: list[str]
     to_run: list[str]
     files: int
+    run_keys: dict[str, str]
 
 
 def plan_refresh(storage: CorpusStorage, instance: DagsterInstance) -> Refresh:
-    """Update the registry; shards to run are new, changed, or not yet partitions.
+    """Update the registry; shards to run are new, changed, not yet partitions, or without
+    ``hid_tokens`` output for the current code versions (a run killed part way, or a changed
+    config), so re-running always completes the corpus.
 
     The registry is saved before any run is requested, so a crash in between only means the
-    next refresh requests the same shards again.
+    next refresh requests the same shards again. ``run_keys`` name a shard's contents and the
+    code versions: a sensor requests each such state once.
     """
     plan = plan_shards(
         storage.corpus_path, load_registry(storage.registry_path), storage.shard_size
@@ -42,9 +57,11 @@ def plan_refresh(storage: CorpusStorage, instance: DagsterInstance) -> Refresh:
     save_registry(plan.registry, storage.registry_path)
     known = set(instance.get_dynamic_partitions(midi_shards.name))
     new = [s for s in plan.shards if s not in known]
-    return Refresh(
-        new_shards=new, to_run=sorted(set(plan.to_process) | set(new)), files=plan.registry.height
-    )
+    unfinished = [s for s, path in token_files(storage, plan.shards).items() if not path.exists()]
+    to_run = sorted(set(plan.to_process) | set(new) | set(unfinished))
+    versions = (FILTER_VERSION, CHORD_VERSION, TOKEN_VERSION)
+    keys = {shard: f"{shard}-{shard_digest(plan.registry, shard, versions)}" for shard in to_run}
+    return Refresh(new, to_run, plan.registry.height, keys)
 
 
 def current_dataset(storage: CorpusStorage, instance: DagsterInstance) -> Path | None:

@@ -15,7 +15,8 @@ DEFAULT_REFRESH_CRON = "0 3 * * *"
 @dg.schedule(
     job=shard_job,
     cron_schedule=os.environ.get(REFRESH_CRON_ENV, DEFAULT_REFRESH_CRON),
-    description="Re-scan the corpus folder and run new or changed shards.",
+    description="Re-scan the corpus folder and run new or changed shards, and any shard whose "
+    "output is missing.",
 )
 def corpus_refresh_schedule(context: dg.ScheduleEvaluationContext, storage: CorpusStorage):
     refresh = plan_refresh(storage, context.instance)
@@ -23,4 +24,4 @@ def corpus_refresh_schedule(context: dg.ScheduleEvaluationContext, storage: Corp
         context.instance.add_dynamic_partitions("midi_shards", refresh.new_shards)
     if not refresh.to_run:
         return dg.SkipReason(f"no new or changed files among {refresh.files}")
-    return [dg.RunRequest(partition_key=s) for s in refresh.to_run]
+    return [dg.RunRequest(run_key=refresh.run_keys[s], partition_key=s) for s in refresh.to_run]

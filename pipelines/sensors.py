@@ -18,7 +18,9 @@ def midi_corpus_sensor(context: dg.SensorEvaluationContext, storage: CorpusStora
     if not refresh.to_run:
         return dg.SkipReason(f"no new or changed files among {refresh.files}")
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=None, partition_key=s) for s in refresh.to_run],
+        run_requests=[
+            dg.RunRequest(run_key=refresh.run_keys[s], partition_key=s) for s in refresh.to_run
+        ],
         dynamic_partitions_requests=[midi_shards.build_add_request(refresh.new_shards)],
     )
 

@@ -16,6 +16,7 @@ import pytest
 from symusic import Score
 
 from assets import checks
+from assets.config import TOKEN_VERSION
 from assets.corpus import (
     arrow_dataset,
     chord_annotations,
@@ -175,6 +176,20 @@ def test_refresh_processes_only_the_new_shard_and_keeps_old_rows(pipeline, sampl
     assert all(new[p] == ids for p, ids in old.items())
     for split in before:  # a piece never changes split
         assert set(before[split]) <= set(after[split])
+
+
+def test_a_shard_without_output_is_run_again(pipeline):
+    """A run killed part way (or a new tokenizer version) leaves a shard without hid_tokens
+    output: the next refresh runs it again, though no file changed."""
+    storage, instance, _, _ = pipeline
+    registry = pl.read_parquet(storage.registry_path)
+    shard = registry["shard"].unique().sort()[1]
+    output = storage.stage_dir("hid_tokens", TOKEN_VERSION) / f"{shard}.parquet"
+    output.unlink()
+    refresh = plan_refresh(storage, instance)
+    assert refresh.to_run == [shard] and refresh.new_shards == []
+    run_shard(storage, instance, shard)
+    assert output.exists() and plan_refresh(storage, instance).to_run == []
 
 
 def test_changed_file_reruns_only_its_shard(pipeline, sample_files):
@@ -392,11 +407,21 @@ def test_sensor_requests_new_shards_then_skips(tmp_path, sample_files):
         keys = ["shard-00000", "shard-00001"]
         assert [r.partition_key for r in result.run_requests] == keys
         assert result.dynamic_partitions_requests[0].partition_keys == keys
+        first = {r.run_key for r in result.run_requests}
         instance.add_dynamic_partitions("midi_shards", keys)
-        assert isinstance(midi_corpus_sensor(context), dg.SkipReason)
+        # not run yet: requested again under the same run keys, which the daemon skips
+        again = midi_corpus_sensor(context)
+        assert {r.run_key for r in again.run_requests} == first
         shutil.copy(sample_files[5], corpus / "later.mid")
         result = midi_corpus_sensor(context)
-        assert [r.partition_key for r in result.run_requests] == ["shard-00002"]
+        fresh = [r.partition_key for r in result.run_requests if r.run_key not in first]
+        assert fresh == ["shard-00002"]
+        for shard in ("shard-00000", "shard-00001", "shard-00002"):
+            instance.add_dynamic_partitions("midi_shards", [shard])
+            assert dg.materialize(
+                SHARD_ASSETS, partition_key=shard, instance=instance, resources={"storage": storage}
+            ).success
+        assert isinstance(midi_corpus_sensor(context), dg.SkipReason)
 
 
 def test_schedule_registers_partitions_and_requests_runs(tmp_path, sample_files):
@@ -415,6 +440,12 @@ def test_schedule_registers_partitions_and_requests_runs(tmp_path, sample_files)
         keys = ["shard-00000", "shard-00001"]
         assert [r.partition_key for r in requests] == keys
         assert sorted(instance.get_dynamic_partitions("midi_shards")) == keys
+        # the next tick asks again for shards that have not run, then skips once they have
+        assert [r.partition_key for r in corpus_refresh_schedule(context)] == keys
+        for shard in keys:
+            assert dg.materialize(
+                SHARD_ASSETS, partition_key=shard, instance=instance, resources={"storage": storage}
+            ).success
         assert isinstance(corpus_refresh_schedule(context), dg.SkipReason)
     finally:
         instance.dispose()
