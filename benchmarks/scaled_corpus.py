@@ -7,7 +7,9 @@ Every copy has different note content on the filter's beat grid, so the dedup ke
   halves the time-signature denominators (4/4 -> 4/2, 3/4 -> 3/2, 6/8 -> 6/4), so bars hold the
   same music; the tempo doubles so the piece lasts about as long in seconds;
 - a tempo scale (0.85-1.15, from the seed) varies the length in seconds; alone it would not make
-  a copy distinct (the content hash ignores tempo), it only makes the copies less uniform.
+  a copy distinct (the content hash ignores tempo), it only makes the copies less uniform;
+- beyond the 48 pitch/stretch variants (about 20k files), 1-5 empty lead-in bars (of the first
+  time signature) move every onset, so the corpus reaches 100k+ distinct pieces.
 
 The order of the files is fixed by the seed: variant by variant, the sample's files in a seeded
 permutation, so a smaller corpus is a prefix of a larger one and the files a refresh adds are
@@ -32,13 +34,19 @@ from meloformer_model.data.midi_io import find_midi_files
 from meloformer_model.paths import SAMPLE_CORPUS_DIR
 
 EXTRA_OFFSETS = (6, -7, 7, -8, 8, -9, 9, -10, 10, -11, 11, -12)
+LEAD_IN_BARS = 6
 # (stretch, semitones): the original, transpositions -6..+5, the same stretched 2x, then wider
 # transpositions at both stretches.
-VARIANTS: tuple[tuple[int, int], ...] = (
+PITCH_AND_STRETCH: tuple[tuple[int, int], ...] = (
     ((1, 0),)
     + tuple((1, o) for o in range(-6, 6) if o)
     + tuple((2, o) for o in range(-6, 6))
     + tuple((s, o) for o in EXTRA_OFFSETS for s in (1, 2))
+)
+# (stretch, semitones, lead-in bars): all of the above without a lead-in first, so a corpus of
+# up to ~20k files is the same as before lead-ins existed
+VARIANTS: tuple[tuple[int, int, int], ...] = tuple(
+    (s, o, lead) for lead in range(LEAD_IN_BARS) for s, o in PITCH_AND_STRETCH
 )
 HALVED_DENOMINATOR = {2: 1, 4: 2, 8: 4, 16: 8}
 TEMPO_SCALE = (0.85, 1.15)
@@ -52,12 +60,18 @@ class Entry:
     stretch: int
     offset: int
     tempo_scale: float
+    lead_in: int = 0
+
+    @property
+    def original(self) -> bool:
+        return (self.stretch, self.offset, self.lead_in) == (1, 0, 0)
 
     @property
     def relpath(self) -> str:
-        if (self.stretch, self.offset) == (1, 0):
+        if self.original:
             return f"original/{self.source.name}"
-        return f"x{self.stretch}_t{self.offset:+d}/{self.source.name}"
+        lead = f"_l{self.lead_in}" if self.lead_in else ""
+        return f"x{self.stretch}_t{self.offset:+d}{lead}/{self.source.name}"
 
 
 def _pitch_range(score: Score) -> tuple[int, int]:
@@ -75,7 +89,7 @@ def plan(files: int, seed: int = 0, sources: list[Path] | None = None) -> list[E
     sources = sources or find_midi_files([SAMPLE_CORPUS_DIR])
     ranges = {p: _pitch_range(Score(str(p))) for p in sources}
     entries: list[Entry] = []
-    for index, (stretch, offset) in enumerate(VARIANTS):
+    for index, (stretch, offset, lead_in) in enumerate(VARIANTS):
         order = list(sources)
         random.Random(f"{seed}:{index}").shuffle(order)
         for source in order:
@@ -85,7 +99,7 @@ def plan(files: int, seed: int = 0, sources: list[Path] | None = None) -> list[E
             scale = 1.0
             if index:
                 scale = random.Random(f"{seed}:{index}:{source.name}").uniform(*TEMPO_SCALE)
-            entries.append(Entry(source, stretch, offset, round(scale, 4)))
+            entries.append(Entry(source, stretch, offset, round(scale, 4), lead_in))
             if len(entries) == files:
                 return entries
     raise ValueError(
@@ -109,7 +123,22 @@ def render(entry: Entry) -> Score:
         tempo *= 2
     for t in score.tempos:
         t.qpm = t.qpm * tempo
+    if entry.lead_in:
+        _prepend_bars(score, entry.lead_in)
     return score
+
+
+def _prepend_bars(score: Score, bars: int) -> None:
+    """Empty bars before the music: the events at time 0 (tempo, meter, key) govern them."""
+    first = score.time_signatures[0] if len(score.time_signatures) else None
+    numerator, denominator = (first.numerator, first.denominator) if first else (4, 4)
+    lead = bars * numerator * score.ticks_per_quarter * 4 // denominator
+    for track in score.tracks:
+        track.shift_time(lead, inplace=True)
+    for events in (score.tempos, score.time_signatures, score.key_signatures, score.markers):
+        for event in events:
+            if event.time > 0:
+                event.time += lead
 
 
 def write(entries: list[Entry], out: Path) -> int:
@@ -121,7 +150,7 @@ def write(entries: list[Entry], out: Path) -> int:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp")
-        if (entry.stretch, entry.offset) == (1, 0):
+        if entry.original:
             shutil.copyfile(entry.source, tmp)
         else:
             render(entry).dump_midi(str(tmp))

@@ -11,6 +11,7 @@ import sys
 import dagster as dg
 
 from assets.corpus import latest_dataset_path
+from meloformer_model.data.parallel import release_freed_memory
 from pipelines.definitions import defs
 from pipelines.jobs import dataset_job, shard_job, training_job
 from pipelines.refresh import current_dataset, plan_refresh
@@ -32,6 +33,8 @@ def run_corpus_pipeline(instance: dg.DagsterInstance) -> bool:
             print(f"shard {shard} failed; see the run in the Dagster UI", file=sys.stderr)
             return False
         print(f"  {shard}: done")
+        del result
+        release_freed_memory()
     dataset = None if refresh.to_run else current_dataset(storage, instance)
     if dataset is not None:  # nothing changed since the dataset was built and checked
         print(f"  dataset {dataset.name} is current and its checks passed: dataset_job skipped")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -17,6 +18,16 @@ def available_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def release_freed_memory() -> None:
+    """Give the heap freed by a finished shard back to the OS. glibc keeps it, fragmented: over
+    a hundred shards in one process the peak grew ~30 MB per shard, and the pool workers forked
+    for the next shard inherit it; trimming after each shard keeps the peak flat."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 # Below this many items per process a pool costs more than it saves: forking the workers (each

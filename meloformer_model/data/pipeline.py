@@ -15,6 +15,7 @@ from meloformer_model.atomic import write_parquet_atomic
 from meloformer_model.data import stages
 from meloformer_model.data.dataset import DatasetBuild, DatasetConfig, build_arrow_dataset
 from meloformer_model.data.filtering import FilterConfig
+from meloformer_model.data.parallel import release_freed_memory
 from meloformer_model.data.shards import (
     DEFAULT_SHARD_SIZE,
     load_registry,
@@ -57,6 +58,8 @@ def prepare_corpus(
                                         workers=workers).table  # fmt: skip
             tokens = stages.token_shard(corpus_dir, chords, tc, _previous(out), workers).table
             write_parquet_atomic(tokens, out)
+            del filtered, chords, tokens
+            release_freed_memory()
         token_files[shard] = out
     vocab = Vocabulary(tc)
     for path in token_files.values():
