@@ -12,22 +12,23 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
 
-from meloformer_model.atomic import write_bytes_atomic, write_parquet_atomic
+from meloformer_model.atomic import atomic_path, write_bytes_atomic
 from meloformer_model.data.corpus import inspect_files, write_filter_results
 from meloformer_model.data.filtering import FilterConfig
 from meloformer_model.data.midi_io import MidiReadError, find_midi_files, load_score, write_midi
-from meloformer_model.data.parallel import available_cores
+from meloformer_model.data.parallel import available_cores, release_freed_memory
 from meloformer_model.data.tokenize_corpus import (
     TOKEN_COLUMNS,
     WorkItem,
     results_table,
     tokenize_files,
-    vocabulary_counts,
 )
 from meloformer_model.tokenizer.config import TokenizerConfig
 from meloformer_model.tokenizer.hid import HIDTokenizer, TokenizeError
-from meloformer_model.tokenizer.vocab import FAMILIES
+from meloformer_model.tokenizer.vocab import FAMILIES, Vocabulary
 
 
 class CliError(Exception):
@@ -121,8 +122,13 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(f"bar {bar:4d}  chord {chord:8s} notes {notes:3d} | {' '.join(tokens)}")
 
 
+# Files tokenized (and held in memory) at a time by `prepare`: its memory does not grow with the
+# corpus, and each chunk is one row group of tokens.parquet.
+PREPARE_CHUNK = 1024
+
+
 def cmd_prepare(args: argparse.Namespace) -> None:
-    """Filter, tokenize and count a corpus: the library end to end."""
+    """Filter, tokenize and count a corpus: the library end to end, chunk by chunk."""
     out = Path(args.out)
     started = time.perf_counter()
     paths = find_midi_files(args.sources)
@@ -132,27 +138,45 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     frame = inspect_files(paths, filter_config, args.workers, progress=not args.quiet)
     summary = write_filter_results(frame, out / "filter", filter_config)
     _print_reasons(summary)
-    accepted = frame.filter(pl.col("accepted"))
+    accepted = frame.filter(pl.col("accepted")).select("path", "content_hash")
     config = TokenizerConfig()
-    paths = accepted["path"].to_list()
-    items = [WorkItem(Path(p), p) for p in paths]
-    results = tokenize_files(items, config, args.workers, not args.quiet)
-    failures = [r.error for r in results if r.error]
-    for error in failures:
-        print(f"tokenize failed: {error}", file=sys.stderr)
-    keys = {"path": paths, "content_hash": accepted["content_hash"].to_list()}
-    table = results_table(results, TOKEN_COLUMNS, keys).filter(pc.is_null(pc.field("error")))
-    write_parquet_atomic(table, out / "tokens.parquet")
-    vocab = vocabulary_counts(config, [r.arrays["ids"] for r in results if r.arrays])
+    vocab = Vocabulary(config)
+    lengths: list[int] = []
+    failures = 0
+    bar = tqdm(total=accepted.height, desc="tokenize", unit="file", disable=args.quiet)
+    with atomic_path(out / "tokens.parquet") as tmp:
+        writer = None
+        for chunk in accepted.iter_slices(PREPARE_CHUNK):
+            paths = chunk["path"].to_list()
+            items = [WorkItem(Path(p), p) for p in paths]
+            results = tokenize_files(items, config, args.workers, progress=False)
+            for result in results:
+                if result.error:
+                    failures += 1
+                    print(f"tokenize failed: {result.error}", file=sys.stderr)
+                else:
+                    vocab.add_counts(result.arrays["ids"])
+                    lengths.append(len(result.arrays["ids"]))
+            keys = {"path": paths, "content_hash": chunk["content_hash"].to_list()}
+            table = results_table(results, TOKEN_COLUMNS, keys)
+            table = table.filter(pc.is_null(pc.field("error")))
+            writer = writer or pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+            bar.update(len(paths))
+            release_freed_memory()
+        if writer is None:
+            raise CliError("no file passed the filter: nothing to tokenize")
+        writer.close()
+    bar.close()
     vocab.save(out / "vocab.json")
-    lengths = np.asarray(table["length"].to_pylist() or [0])
+    lengths = np.asarray(lengths, dtype=np.int64)
     family_counts = Counter()
     for family, (start, end) in vocab.family_ranges.items():
         family_counts[family] = int(vocab.counts[start:end].sum())
     print(
-        f"tokenized {table.num_rows} files, {int(lengths.sum())} tokens "
+        f"tokenized {len(lengths)} files, {int(lengths.sum())} tokens "
         f"(median {int(np.median(lengths))}, max {int(lengths.max())}), "
-        f"{len(failures)} failures, {time.perf_counter() - started:.1f} s"
+        f"{failures} failures, {time.perf_counter() - started:.1f} s"
     )
     print("tokens per family: " + ", ".join(f"{f} {family_counts[f]}" for f in FAMILIES))
     print(f"wrote {out / 'tokens.parquet'}, {out / 'vocab.json'} ({len(vocab)} tokens)")

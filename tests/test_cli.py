@@ -82,3 +82,33 @@ def test_unreadable_input_gives_one_line_and_nonzero_exit(tmp_path):
     result = run_cli("decode", bad, "-o", tmp_path / "x.mid")
     assert result.returncode == 1 and "bad.mid" in result.stderr
     assert not (tmp_path / "x.mid").exists()
+
+
+def test_prepare_streams_in_chunks_with_the_same_result(tmp_path, sample_files, monkeypatch):
+    """`prepare` tokenizes chunk by chunk (flat memory); chunks of 16 give the same tokens and
+    counts as one chunk, and a broken file is rejected without stopping the run."""
+    from meloformer_model import cli
+    from meloformer_model.tokenizer.vocab import Vocabulary
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in sample_files[:40]:
+        (corpus / path.name).write_bytes(path.read_bytes())
+    (corpus / "broken.mid").write_bytes(b"MThd\x00\x00\x00\x06garbage")
+    whole = tmp_path / "whole"
+    result = run_cli("prepare", corpus, "--out", whole, "--workers", "2", "--quiet")
+    assert result.returncode == 0, result.stderr
+    monkeypatch.setattr(cli, "PREPARE_CHUNK", 16)
+    chunked = tmp_path / "chunked"
+    assert (
+        cli.main(["prepare", str(corpus), "--out", str(chunked), "--workers", "1", "--quiet"]) == 0
+    )
+    tokens = pl.read_parquet(chunked / "tokens.parquet")
+    assert tokens.equals(pl.read_parquet(whole / "tokens.parquet"))
+    accepted = pl.read_parquet(chunked / "filter" / "accepted.parquet")
+    assert tokens.height == accepted.height > 16 * 2
+    assert "broken.mid" in pl.read_parquet(chunked / "filter" / "rejected.parquet")["path"][0]
+    vocab = Vocabulary.load(chunked / "vocab.json")
+    ids = tokens["ids"].explode().to_numpy()
+    assert vocab.counts.sum() == len(ids) == tokens["length"].sum()
+    assert (vocab.counts == Vocabulary.load(whole / "vocab.json").counts).all()

@@ -16,7 +16,6 @@ import pyarrow as pa
 from meloformer_model.data.parallel import map_with_progress
 from meloformer_model.tokenizer.config import TokenizerConfig
 from meloformer_model.tokenizer.hid import HIDTokenizer
-from meloformer_model.tokenizer.vocab import Vocabulary
 
 TOKEN_COLUMNS = {
     "ids": pa.int32(),
@@ -151,10 +150,3 @@ def results_table(
             [None if r.arrays is None else r.arrays[name] for r in results], kind
         )
     return pa.Table.from_arrays(list(data.values()), names=list(data))
-
-
-def vocabulary_counts(config: TokenizerConfig, id_lists: list[np.ndarray]) -> Vocabulary:
-    vocab = Vocabulary(config)
-    for ids in id_lists:
-        vocab.add_counts(ids)
-    return vocab
