@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed-stamp
 export DAGSTER_HOME ?= $(CURDIR)/dagster_home
 UI_PORT ?= 3070
 
+INSTANCE_CONFIG := $(DAGSTER_HOME)/dagster.yaml
+
 .PHONY: run test browser ui bench clean
 
 $(STAMP): pyproject.toml
@@ -15,12 +17,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job: the whole asset graph on $MELOFORMER_CORPUS_DIR (default: the sample corpus).
-run: $(STAMP)
-	mkdir -p $(DAGSTER_HOME)
+run: $(STAMP) $(INSTANCE_CONFIG)
 	$(BIN)/python -m pipelines.run
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# The instance's settings (telemetry off, run and pool limits) from pipelines/dagster.yaml
+$(INSTANCE_CONFIG): pipelines/dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp pipelines/dagster.yaml $@
 
 # Chromium for the UI test's screenshot (tests/test_ui.py): installed with apt-get when missing
 # and we are root; otherwise that test skips (and fails where CI is set).
@@ -31,8 +37,7 @@ browser:
 	echo "chromium not installed: the UI screenshot test will skip (fail where CI is set)"
 
 # The Dagster UI on http://127.0.0.1:$(UI_PORT)
-ui: $(STAMP)
-	mkdir -p $(DAGSTER_HOME)
+ui: $(STAMP) $(INSTANCE_CONFIG)
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(UI_PORT)
 
 bench: $(STAMP)

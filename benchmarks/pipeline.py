@@ -280,7 +280,7 @@ def run_measured(
 
 def pipeline_env(corpus: Path, data_root: Path, home: Path, workers: int) -> dict[str, str]:
     home.mkdir(parents=True, exist_ok=True)
-    shutil.copy(PROJECT_DIR / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(PROJECT_DIR / "pipelines" / "dagster.yaml", home / "dagster.yaml")
     env = dict(os.environ)
     env.update(
         MELOFORMER_CORPUS_DIR=str(corpus),

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from meloformer_model.training.trainer import TrainConfig
 
 DEFAULT_DAGSTER_HOME = PROJECT_DIR / "dagster_home"
+INSTANCE_CONFIG = PROJECT_DIR / "pipelines" / "dagster.yaml"  # copied into DAGSTER_HOME
 CORPUS_ENV = "MELOFORMER_CORPUS_DIR"
 DATA_ROOT_ENV = "MELOFORMER_DATA_ROOT"
 PROFILE_ENV = "MELOFORMER_TRAIN_PROFILE"

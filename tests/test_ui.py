@@ -20,7 +20,13 @@ import dagster as dg
 import pytest
 
 from pipelines.refresh import plan_refresh
-from pipelines.resources import CORPUS_ENV, DATA_ROOT_ENV, PROJECT_DIR, CorpusStorage
+from pipelines.resources import (
+    CORPUS_ENV,
+    DATA_ROOT_ENV,
+    INSTANCE_CONFIG,
+    PROJECT_DIR,
+    CorpusStorage,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -170,7 +176,7 @@ def ui(tmp_path_factory, sample_files):
     home, corpus, data = root / "dagster_home", root / "corpus", root / "data"
     home.mkdir()
     corpus.mkdir()
-    shutil.copy(PROJECT_DIR / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(INSTANCE_CONFIG, home / "dagster.yaml")
     for path in sample_files[:N_FILES]:
         shutil.copy(path, corpus / path.name)
     env = {
