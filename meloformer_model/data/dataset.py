@@ -26,16 +26,15 @@ from meloformer_model.atomic import write_bytes_atomic
 SPLITS = ("train", "valid", "test")
 MANIFEST = "meloformer_dataset.json"
 DATASET_FORMAT_VERSION = 1
-COLUMNS = (
-    "path",
-    "content_hash",
-    "length",
-    "ids",
-    "bar",
-    "instrument",
-    "token_type",
-    "onset_group",
-)
+SCHEMA = pa.schema(
+    [("path", pa.string()), ("content_hash", pa.string()), ("length", pa.int32()),
+     ("ids", pa.list_(pa.int32())), ("bar", pa.list_(pa.int32())),
+     ("instrument", pa.list_(pa.int16())), ("token_type", pa.list_(pa.int8())),
+     ("onset_group", pa.list_(pa.int32()))]
+)  # fmt: skip
+COLUMNS = tuple(SCHEMA.names)
+LIST_COLUMNS = tuple(f.name for f in SCHEMA if pa.types.is_list(f.type))
+DESCRIPTION = "MeloFormer HID tokens"
 
 
 @dataclass(frozen=True)
@@ -123,16 +122,6 @@ def _keep_first(shard_keys: dict[str, pl.DataFrame]) -> dict[str, list[str]]:
 def _write_stream(table: pa.Table, path: Path) -> None:
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-
-
-SCHEMA = pa.schema(
-    [("path", pa.string()), ("content_hash", pa.string()), ("length", pa.int32()),
-     ("ids", pa.list_(pa.int32())), ("bar", pa.list_(pa.int32())),
-     ("instrument", pa.list_(pa.int16())), ("token_type", pa.list_(pa.int8())),
-     ("onset_group", pa.list_(pa.int32()))]
-)  # fmt: skip
-DESCRIPTION = "MeloFormer HID tokens"
-LIST_COLUMNS = ("ids", "bar", "instrument", "token_type", "onset_group")
 
 
 def _empty_table() -> pa.Table:

@@ -15,6 +15,7 @@ from meloformer_model.data.dataset import (
     MANIFEST,
     SPLITS,
     DatasetReadError,
+    bucket_counts,
     open_splits,
 )
 from meloformer_model.tokenizer.vocab import Vocabulary
@@ -98,10 +99,6 @@ def splits_disjoint(tables: dict[str, pa.Table]) -> tuple[bool, dict]:
     return passed, {"overlapping": overlap, "duplicates": duplicates, "missing_hashes": missing}
 
 
-def _lengths(table: pa.Table) -> np.ndarray:
-    return _numpy(table.column("length")).astype(np.int64)
-
-
 def sequences_consistent(tables: dict[str, pa.Table]) -> tuple[bool, dict]:
     """No sequence of length <= 0 (or none), no side-information array of another length."""
     empty = ragged = 0
@@ -120,7 +117,7 @@ def buckets_match(tables: dict[str, pa.Table], manifest: dict) -> tuple[bool, di
     mismatches = []
     for split in SPLITS:
         info = manifest["splits"][split]
-        lengths = _lengths(tables[split])
+        lengths = _numpy(tables[split].column("length")).astype(np.int64)
         buckets = info["buckets"]
         sums = (sum(b["sequences"] for b in buckets.values()),
                 sum(b["tokens"] for b in buckets.values()))  # fmt: skip
@@ -129,15 +126,9 @@ def buckets_match(tables: dict[str, pa.Table], manifest: dict) -> tuple[bool, di
             mismatches.append(f"{split}: buckets {sums}, manifest "
                               f"{(info['sequences'], info['tokens'])}, data {actual}")  # fmt: skip
             continue
-        index = (lengths - 1) // bucket_size
-        valid = lengths > 0  # an empty sequence fails sequences_not_empty; no bucket holds it
-        seqs = np.bincount(index[valid], minlength=1)
-        toks = np.bincount(index[valid], weights=lengths[valid], minlength=1).astype(np.int64)
-        from_data = {
-            f"{b * bucket_size + 1}-{(b + 1) * bucket_size}": (int(seqs[b]), int(toks[b]))
-            for b in np.flatnonzero(seqs)
-        }
-        stated = {k: (v["sequences"], v["tokens"]) for k, v in buckets.items() if v["sequences"]}
+        # an empty sequence fails sequences_not_empty; no bucket holds it
+        from_data = bucket_counts(lengths[lengths > 0], bucket_size)
+        stated = {k: v for k, v in buckets.items() if v["sequences"]}
         if stated != from_data:
             mismatches.append(f"{split}: bucket counts differ from the data's lengths")
     return not mismatches, {"mismatches": "; ".join(mismatches) or "none"}

@@ -44,32 +44,20 @@ def file_hash(path: Path) -> str:
 
 def scan_folder(corpus_dir: Path) -> pl.DataFrame:
     """Relative path, size and mtime of every MIDI file under the folder (recursively, not
-    into symlinked folders; hidden files skipped)."""
+    into symlinked folders; hidden files skipped). Columns, not row dicts: 100k files."""
     paths: list[str] = []
     sizes: list[int] = []
     mtimes: list[int] = []
-    todo = [(os.fspath(corpus_dir), "")]
-    while todo:
-        folder, prefix = todo.pop()
-        try:
-            entries = os.scandir(folder)
-        except OSError:  # like os.walk: an unreadable subfolder is skipped
-            if not prefix:
-                raise
-            continue
-        with entries:
-            for entry in entries:
-                name = entry.name
-                if entry.is_dir():
-                    if not entry.is_symlink():
-                        todo.append((entry.path, f"{prefix}{name}/"))
-                    continue
-                if name.startswith(".") or not name.lower().endswith(MIDI_SUFFIXES):
-                    continue
-                stat = entry.stat()
-                paths.append(prefix + name)
-                sizes.append(stat.st_size)
-                mtimes.append(stat.st_mtime_ns)
+    for root, _, names in os.walk(corpus_dir):
+        prefix = os.path.relpath(root, corpus_dir)
+        prefix = "" if prefix == "." else prefix.replace(os.sep, "/") + "/"
+        for name in names:
+            if name.startswith(".") or not name.lower().endswith(MIDI_SUFFIXES):
+                continue
+            stat = os.stat(os.path.join(root, name))
+            paths.append(prefix + name)
+            sizes.append(stat.st_size)
+            mtimes.append(stat.st_mtime_ns)
     columns = {"path": paths, "size": sizes, "mtime_ns": mtimes}
     return pl.DataFrame(columns, schema={k: REGISTRY_SCHEMA[k] for k in columns}).sort("path")
 

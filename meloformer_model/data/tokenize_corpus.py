@@ -137,8 +137,9 @@ def results_table(
 ) -> pa.Table:
     """Rows in result order: ``keys`` columns, error, length, then one list column per array.
 
-    Built from buffers, not ``pa.array``: no per-row conversion, and no pandas import (which
-    ``pa.array`` triggers; a quarter of a second in every process that builds a table)."""
+    Built from buffers, not ``pa.array``: one concatenation per column instead of a conversion
+    per row (0.05 s against 0.7-1.0 s for a 1,024-file shard, twice per shard), and no pandas
+    import (which ``pa.array`` triggers: a quarter of a second per process)."""
     data = {name: _string_array(values) for name, values in keys.items()}
     data["error"] = _string_array([r.error for r in results])
     first = next(iter(columns))
