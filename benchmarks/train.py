@@ -1,8 +1,10 @@
 """Training throughput and model-FLOPs utilisation per model size, against the upstream's figures.
 
 Data: the sample corpus through ``prepare_corpus`` (cached under ``build/bench_data``; a rerun
-only re-checks the shards), the train split through ``PackedLoader`` (packed rows, real side
-information). Batches are made before timing; their making is timed separately.
+only re-checks the shards), or an existing dataset (``--dataset`` and ``--vocab``: a real corpus,
+or a GPU machine that has only the training dependencies), the train split through
+``PackedLoader`` (packed rows, real side information). Batches are made before timing; their
+making is timed separately.
 
 One step is exactly the trainer's inner loop without eval/checkpoint/logging:
 ``forward_loss`` (which builds the masks for the batch) under autocast, ``(loss / targets)
@@ -69,7 +71,6 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 from common import machine, print_table, write_result  # noqa: E402
 
-from meloformer_model.data.pipeline import prepare_corpus  # noqa: E402
 from meloformer_model.model import (  # noqa: E402
     MeloFormer,
     build_masks,
@@ -80,6 +81,7 @@ from meloformer_model.model import (  # noqa: E402
     summary_stream,
 )
 from meloformer_model.paths import SAMPLE_CORPUS_DIR  # noqa: E402
+from meloformer_model.tokenizer.vocab import Vocabulary  # noqa: E402
 from meloformer_model.training.data import PackedLoader  # noqa: E402
 from meloformer_model.training.trainer import PROFILES, forward_loss, param_groups  # noqa: E402
 
@@ -384,9 +386,18 @@ def main() -> None:
     parser.add_argument("--max-wait", type=float, default=180.0, help="longest wait, s")
     parser.add_argument("--workers", type=int, default=2, help="prepare_corpus workers")
     parser.add_argument("--data-root", default=str(DATA_ROOT))
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="an existing Arrow dataset version folder (what arrow_dataset or "
+        "prepare_corpus writes) instead of preparing the sample corpus",
+    )
+    parser.add_argument("--vocab", default=None, help="its vocab.json (with --dataset)")
     parser.add_argument("--name", default=None, help="result file name (without .json)")
     args = parser.parse_args()
 
+    if bool(args.dataset) != bool(args.vocab):
+        parser.error("--dataset and --vocab go together")
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     kind = "cuda" if dev.type == "cuda" else "cpu"
     for key, value in DEFAULTS[kind].items():
@@ -407,12 +418,19 @@ def main() -> None:
             batch_sizes = {s: int(item) for s in args.sizes}
 
     start_all = time.perf_counter()
-    print(f"dataset: prepare_corpus({SAMPLE_CORPUS_DIR} -> {args.data_root})", flush=True)
     start = time.perf_counter()
-    prepared = prepare_corpus(SAMPLE_CORPUS_DIR, Path(args.data_root), workers=args.workers)
+    if args.dataset:
+        print(f"dataset: {args.dataset} (vocabulary {args.vocab})", flush=True)
+        dataset_path, vocab = Path(args.dataset), Vocabulary.load(args.vocab)
+    else:
+        print(f"dataset: prepare_corpus({SAMPLE_CORPUS_DIR} -> {args.data_root})", flush=True)
+        from meloformer_model.data.pipeline import prepare_corpus  # the corpus stack (polars)
+
+        prepared = prepare_corpus(SAMPLE_CORPUS_DIR, Path(args.data_root), workers=args.workers)
+        dataset_path, vocab = prepared.dataset.path, prepared.vocab
     prepare_s = time.perf_counter() - start
-    data = datasets.load_from_disk(str(prepared.dataset.path))
-    vocab_size = len(prepared.vocab)
+    data = datasets.load_from_disk(str(dataset_path))
+    vocab_size = len(vocab)
     print(f"  {prepare_s:.1f} s; {data['train'].num_rows} train pieces, vocabulary {vocab_size}")
 
     print(f"device {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -535,7 +553,7 @@ def main() -> None:
         "machine": machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "dataset": {"path": str(prepared.dataset.path), "prepare_s": prepare_s,
+        "dataset": {"path": str(dataset_path), "prepare_s": prepare_s,
                     "train_pieces": data["train"].num_rows, "vocab_size": vocab_size},
         "settings": {"sizes": args.sizes, "seq_len": args.seq_len, "batch_sizes": batch_sizes,
                      "warmup": args.warmup, "steps": args.steps, "threads": thread_list},

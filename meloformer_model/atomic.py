@@ -7,10 +7,13 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:  # polars stays off the import path of the tokenizer, model and trainer
+    import polars as pl
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -38,7 +41,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def write_parquet_atomic(table: pa.Table | pl.DataFrame, path: str | os.PathLike) -> Path:
-    if isinstance(table, pl.DataFrame):
+    if not isinstance(table, pa.Table):
         table = table.to_arrow()
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)

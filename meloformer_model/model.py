@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from meloformer_model.tokenizer.config import GLOBAL_INSTRUMENT
@@ -200,7 +202,13 @@ def regular_stream(
     )
 
 
-SUMMARY_WIDTH_STEP = 64
+MIN_SUMMARY_WIDTH = 64
+
+
+def summary_width(needed: int) -> int:
+    """The summary stream's padded width: the next power of two (at least 64), so a run sees
+    a handful of key lengths, each a compiled flex shape (dynamo keeps 8 per function)."""
+    return max(MIN_SUMMARY_WIDTH, 1 << (needed - 1).bit_length())
 
 
 def summary_stream(regular: Stream) -> Stream:
@@ -214,10 +222,7 @@ def summary_stream(regular: Stream) -> Stream:
         last = torch.full((len(ids),), -1, dtype=torch.long, device=key.device)
         last = last.scatter_reduce(0, inverse, regular.pos[b][valid], reduce="amax")
         rows.append((ids // (1 << 20), ids % (1 << 20), last))
-    # padded to a multiple of SUMMARY_WIDTH_STEP: few distinct key lengths, so compiled flex
-    # attention is not rebuilt for every batch
-    needed = max(1, max(len(r[0]) for r in rows))
-    width = -(-needed // SUMMARY_WIDTH_STEP) * SUMMARY_WIDTH_STEP
+    width = summary_width(max(1, max(len(r[0]) for r in rows)))
     doc = torch.full((batch, width), -1, dtype=regular.doc.dtype, device=regular.doc.device)
     bar = torch.full_like(doc, -1)
     pos = torch.zeros_like(doc)
@@ -382,26 +387,57 @@ def document_masks(rules: AttentionRules, summaries: Stream, regular: Stream) ->
     )
 
 
-def flex_block_mask(rules: AttentionRules, queries: Stream, keys: Stream):
-    """FlexAttention block mask from the same predicate (per sample). Compiled on GPU; on CPU
-    built eagerly: torch 2.13's inductor CPU codegen fails to compile it (VecMask<int> vs
-    VecMask<float>) whenever the key length is a multiple of 128, and CPU flex is a test path."""
-    from torch.nn.attention.flex_attention import create_block_mask
+# Each attention phase has its own functions: dynamo keeps at most ``recompile_limit`` (8)
+# compiled shapes per function (per code object, however many torch.compile wrappers share it),
+# and the two phases see different shapes for every summary width.
+def _summarize_block_mask(mask_mod, batch: int, q_len: int, kv_len: int, device):
+    return create_block_mask(mask_mod, batch, None, q_len, kv_len, device=device)
+
+
+def _update_block_mask(mask_mod, batch: int, q_len: int, kv_len: int, device):
+    return create_block_mask(mask_mod, batch, None, q_len, kv_len, device=device)
+
+
+def _summarize_flex(q, k, v, block_mask, enable_gqa: bool) -> torch.Tensor:
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+def _update_flex(q, k, v, block_mask, enable_gqa: bool) -> torch.Tensor:
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False)
+
+
+@torch.no_grad()
+def flex_block_mask(rules: AttentionRules, queries: Stream, keys: Stream, build: Callable):
+    """FlexAttention block mask from the same predicate (per sample), made by a phase's
+    ``build``. Compiled on GPU, always without grad (so training and evaluation share each
+    compiled shape); on CPU built eagerly: torch 2.13's inductor CPU codegen fails to compile it
+    (VecMask<int> vs VecMask<float>) whenever the key length is a multiple of 128, and CPU flex
+    is a test path."""
 
     def mask_mod(b, h, q_idx, kv_idx):
         return visible(rules, queries.at(b, q_idx), keys.at(b, kv_idx))
 
-    batch, q_len = queries.doc.shape
-    kv_len = keys.doc.shape[1]
-    return create_block_mask(
-        mask_mod,
-        batch,
-        None,
-        q_len,
-        kv_len,
-        device=queries.doc.device,
-        _compile=queries.doc.device.type == "cuda",
-    )
+    device = queries.doc.device
+    build = _compiled(build) if device.type == "cuda" else build
+    return build(mask_mod, queries.doc.shape[0], queries.doc.shape[1], keys.doc.shape[1], device)
+
+
+@dataclass
+class FlexMask:
+    """The flex backend's mask for one phase: a block mask over the concatenated (summary,
+    regular) keys and the phase's own attention function."""
+
+    block_mask: BlockMask
+    kernel: Callable
+
+    def attend(self, q: torch.Tensor, keys: tuple, values: tuple) -> torch.Tensor:
+        k, v = torch.cat(keys, 2), torch.cat(values, 2)
+        return _compiled(self.kernel)(q, k, v, self.block_mask, q.shape[1] != k.shape[1])
 
 
 @dataclass
@@ -411,8 +447,8 @@ class BatchMasks:
 
     regular: Stream
     summary: Stream
-    summarize: object
-    update: object
+    summarize: DocumentMasks | FlexMask
+    update: DocumentMasks | FlexMask
 
 
 def build_masks(config: ModelConfig, regular: Stream) -> BatchMasks:
@@ -421,8 +457,12 @@ def build_masks(config: ModelConfig, regular: Stream) -> BatchMasks:
         summarize, update = document_masks(config.rules, summaries, regular)
     else:
         keys = summaries.cat(regular)
-        summarize = flex_block_mask(config.rules, summaries, keys)
-        update = flex_block_mask(config.rules, regular, keys)
+        summarize = FlexMask(
+            flex_block_mask(config.rules, summaries, keys, _summarize_block_mask), _summarize_flex
+        )
+        update = FlexMask(
+            flex_block_mask(config.rules, regular, keys, _update_block_mask), _update_flex
+        )
     return BatchMasks(regular=regular, summary=summaries, summarize=summarize, update=update)
 
 
@@ -458,23 +498,6 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-@functools.cache
-def _compiled_flex_attention():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
-def attend(q: torch.Tensor, keys: tuple, values: tuple, mask, backend: str) -> torch.Tensor:
-    """q: (B, H, Q, D); keys, values: (summary part, regular part), each (B, Hkv, ., D);
-    mask: DocumentMasks (dense) or a flex BlockMask over the concatenated keys."""
-    if backend == "flex":
-        k, v = torch.cat(keys, 2), torch.cat(values, 2)
-        gqa = q.shape[1] != k.shape[1]
-        return _compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
-    return mask.attend(q, keys, values)
 
 
 class Block(nn.Module):
@@ -515,13 +538,12 @@ class Block(nn.Module):
         return k2, self._heads(self.wv2(x), cfg.n_kv_head)
 
     def forward(self, h_s, h_r, masks: BatchMasks):
-        backend = self.config.backend
         q_s, k_s, v_s = self.qkv(self.norm_attn(h_s), masks.summary.pos)
         q_r, k_r, v_r = self.qkv(self.norm_attn(h_r), masks.regular.pos)
-        out_s = attend(q_s, (k_s, k_r), (v_s, v_r), masks.summarize, backend)
+        out_s = masks.summarize.attend(q_s, (k_s, k_r), (v_s, v_r))
         h_s = h_s + self.dropout(self.wo(self._merge(out_s)))
         k2, v2 = self.second_stage(h_s, masks.summary.pos)
-        out_r = attend(q_r, (k2, k_r), (v2, v_r), masks.update, backend)
+        out_r = masks.update.attend(q_r, (k2, k_r), (v2, v_r))
         h_r = h_r + self.dropout(self.wo(self._merge(out_r)))
         h_s = h_s + self.dropout(self.ffn(self.norm_ffn(h_s)))
         h_r = h_r + self.dropout(self.ffn(self.norm_ffn(h_r)))

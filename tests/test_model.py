@@ -15,13 +15,13 @@ from meloformer_model.model import (
     MeloFormer,
     ModelConfig,
     apply_rope,
-    attend,
     build_masks,
     dense_mask,
     expected_parameters,
     model_config,
     regular_stream,
     summary_stream,
+    summary_width,
 )
 from meloformer_model.tokenizer.config import GLOBAL_INSTRUMENT
 from meloformer_model.tokenizer.hid import HIDTokenizer
@@ -202,7 +202,7 @@ def test_per_document_attention_equals_whole_row_attention(pieces):
         v = torch.randn(2, 2, keys.doc.shape[1], 16, dtype=torch.float64)
         expected = F.scaled_dot_product_attention(q, k, v, attn_mask=whole, enable_gqa=True)
         split = ((k[:, :, :n_sum], k[:, :, n_sum:]), (v[:, :, :n_sum], v[:, :, n_sum:]))
-        got = attend(q, *split, doc_masks, "dense")
+        got = doc_masks.attend(q, *split)
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -211,6 +211,22 @@ def test_a_document_split_in_two_runs_is_refused(pieces):
     doc = torch.tensor([[0] * 30 + [1] * 30 + [0] * 30])
     with pytest.raises(ValueError, match="document 0 is split"):
         build_masks(ModelConfig(V), regular_stream(*side, doc))
+
+
+def test_summary_widths_are_powers_of_two(pieces):
+    """Each summary width is a compiled flex shape per phase, and dynamo keeps 8 per function:
+    widths double, so a run sees a handful however its pieces' bar counts vary."""
+    assert [summary_width(n) for n in (1, 64, 65, 128, 129, 700, 1024)] == [
+        64, 64, 128, 128, 256, 1024, 1024
+    ]  # fmt: skip
+    parts = [tensors(piece) for piece in pieces]  # whole pieces packed into one row
+    side = [torch.cat([p[i] for p in parts], 1) for i in range(1, 5)]
+    doc = torch.cat([torch.full_like(p[0], d) for d, p in enumerate(parts)], 1)
+    bars = sum(len(torch.unique(p[1])) for p in parts)
+    assert bars > 64
+    summaries = summary_stream(regular_stream(*side, doc))
+    assert summaries.doc.shape[1] == summary_width(bars)
+    assert int((summaries.doc >= 0).sum()) == bars
 
 
 def test_rope_is_a_rotation_and_shift_invariant():
@@ -299,7 +315,8 @@ def test_flex_backend_agrees_with_dense(pieces):
     flex_model = MeloFormer(model_config("tiny", V, backend="flex")).eval()
     flex_model.load_state_dict(model.state_dict())
     flex = build_masks(flex_model.config, regular)
-    for queries, block_mask in ((flex.summary, flex.summarize), (regular, flex.update)):
+    for queries, phase in ((flex.summary, flex.summarize), (regular, flex.update)):
+        block_mask = phase.block_mask
         dense_mask_ = dense_mask(model.config.rules, queries, keys)
         q_blocks, k_blocks = block_mask.to_dense().shape[-2:]
         size = block_mask.BLOCK_SIZE

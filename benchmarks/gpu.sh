@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The GPU checks in one go, for a machine with a CUDA device and little time on it: the GPU
+# tests, the attention benchmark at 8k and 16k tokens, and the training benchmark (large, then
+# small, at 8192 tokens). Each stage runs under its own time limit, most important first, and
+# its log and result JSON land in OUT_DIR as soon as it ends, so a run cut short keeps what it
+# finished. Exit status: the number of stages that failed.
+#
+#   benchmarks/gpu.sh OUT_DIR [STAGE ...]    stages: tests attention train (default: all three)
+#
+# PYTHON (default python3) runs everything. DATASET and VOCAB name a prepared Arrow dataset
+# version folder and its vocab.json for the training benchmark; without them it prepares the
+# sample corpus, which needs the corpus stack (polars) as well as the training dependencies.
+set -u
+out=${1:?usage: benchmarks/gpu.sh OUT_DIR [tests|attention|train ...]}
+shift
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(tests attention train)
+py=${PYTHON:-python3}
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+failed=0
+
+stage() {  # stage NAME LIMIT_S COMMAND...: run, log, collect the result files it wrote
+    local name=$1 limit=$2
+    shift 2
+    local stamp start
+    stamp=$(mktemp)
+    start=$(date +%s)
+    echo "=== $name (limit ${limit}s): $*"
+    timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
+    local rc=$?
+    tail -n 40 "$out/$name.log"
+    find benchmarks/results -name '*.json' -newer "$stamp" -exec cp {} "$out/" \;
+    rm -f "$stamp"
+    echo "=== $name: exit $rc after $(($(date +%s) - start)) s"
+    [ "$rc" -eq 0 ] || failed=$((failed + 1))
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$py" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, torch.cuda.get_device_name())'
+
+for s in "${stages[@]}"; do
+    case $s in
+    tests)
+        stage tests 150 "$py" -m pytest tests/test_gpu.py -v -x -p no:cacheprovider
+        ;;
+    attention)
+        stage attention 270 "$py" benchmarks/attention.py --device cuda \
+            --lengths 8192 16384 --flex-lengths 8192 16384 --model-lengths 8192 \
+            --budget-s 3 --max-run-s 20 --wait-idle-s 0
+        ;;
+    train)
+        data=()
+        [ -n "${DATASET:-}" ] && data=(--dataset "$DATASET" --vocab "$VOCAB")
+        stage train 270 "$py" benchmarks/train.py --device cuda --sizes large small \
+            --warmup 3 --steps 10 "${data[@]}"
+        ;;
+    *)
+        echo "unknown stage: $s (tests, attention, train)" >&2
+        failed=$((failed + 1))
+        ;;
+    esac
+done
+exit "$failed"
