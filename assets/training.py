@@ -3,7 +3,8 @@
 ``trained_model`` refuses a dataset whose blocking checks did not all pass, holds the ``gpu``
 pool (one training per GPU), and runs in-process on one device or under ``torchrun`` through
 Dagster Pipes for several; either way the loss curve, throughput, utilisation, memory and the
-checkpoint path come back as metadata.
+checkpoint path come back as metadata. A run already finished with the same config on the same
+dataset version is not trained again: its saved figures are reported, marked as reused.
 """
 
 import json
@@ -41,7 +42,7 @@ def require_checks_passed(context: dg.AssetExecutionContext) -> None:
         raise dg.Failure(f"arrow_dataset checks not passed: {', '.join(failed)}")
 
 
-def _run_dir(storage: CorpusStorage, profile: str, version: str) -> Path:
+def training_run_dir(storage: CorpusStorage, profile: str, version: str) -> Path:
     return storage.root / "trained_model" / profile / version
 
 
@@ -67,6 +68,7 @@ def _metadata(result: dict, run_dir: Path, profile: str, config: dict, baseline:
         "peak_memory_bytes": result["peak_memory_bytes"],
         "wall_seconds": result["wall_seconds"],
         "parameters": result["parameters"],
+        "processes": result["processes"],
         "checkpoint": dg.MetadataValue.path(str(result["checkpoint"])),
         "best_checkpoint": dg.MetadataValue.path(str(result["best"])),
         "loss_curve": dg.MetadataValue.path(str(curve)),
@@ -74,19 +76,6 @@ def _metadata(result: dict, run_dir: Path, profile: str, config: dict, baseline:
             "| step | train | validation |\n|---|---|---|\n" + rows
         ),
         "config": dg.MetadataValue.json(config),
-    }
-
-
-def _result_dict(result) -> dict:
-    return {
-        "history": result.history,
-        "tokens_per_second": result.tokens_per_second,
-        "mfu": result.mfu,
-        "peak_memory_bytes": result.peak_memory_bytes,
-        "wall_seconds": result.wall_seconds,
-        "parameters": result.parameters,
-        "checkpoint": str(result.checkpoint),
-        "best": str(result.best),
     }
 
 
@@ -107,7 +96,7 @@ def trained_model(
     pipes: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
     # torch and the training stack load only when a training runs, not with the definitions
-    from meloformer_model.training.trainer import train, unigram_loss
+    from meloformer_model.training.trainer import completed_run, train, unigram_loss
 
     require_checks_passed(context)
     version = context.partition_key
@@ -115,9 +104,16 @@ def trained_model(
     vocab_path = latest_vocabulary_path(storage)
     vocab = Vocabulary.load(vocab_path, expected=TOKENIZER_CONFIG)
     config = training.config()
-    run_dir = _run_dir(storage, training.profile, version)
+    run_dir = training_run_dir(storage, training.profile, version)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if training.processes > 1:
+    result = completed_run(run_dir, config, data)
+    reused = result is not None
+    if reused:
+        context.log.info(
+            f"{run_dir} already finished its {config.max_steps} steps with this config on dataset "
+            f"{version}: reusing that run and its figures, training nothing"
+        )
+    elif training.processes > 1:
         command = [
             sys.executable,
             "-m",
@@ -135,9 +131,9 @@ def trained_model(
         reported = invocation.get_materialize_result().metadata
         result = json.loads(reported["result"].value)
     else:
-        result = _result_dict(train(data, vocab, run_dir, config, log=context.log.info))
+        result = train(data, vocab, run_dir, config, log=context.log.info).figures()
     metadata = _metadata(result, run_dir, training.profile, config.to_dict(), unigram_loss(vocab))
-    metadata["processes"] = training.processes
+    metadata["reused_completed_run"] = reused
     metadata["dataset"] = dg.MetadataValue.path(str(data))
     return dg.MaterializeResult(metadata=metadata)
 
@@ -156,7 +152,7 @@ def evaluation_report(
     from meloformer_model.training.checkpoint import best_checkpoint
 
     version = context.partition_key
-    run_dir = _run_dir(storage, training.profile, version)
+    run_dir = training_run_dir(storage, training.profile, version)
     checkpoint = best_checkpoint(run_dir)
     if checkpoint is None:
         raise dg.Failure(f"no best checkpoint in {run_dir}: materialize trained_model first")

@@ -1,5 +1,6 @@
 """Corpus refresh: find new and changed files, register new shards, say which shards to run,
-and whether the dataset built last is still the one the shards make."""
+whether the dataset built last is still the one the shards make, and whether its training run
+and evaluation report are still current."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from assets.corpus import (
     vocabulary,
 )
 from assets.partitions import midi_shards
+from assets.training import evaluation_report, trained_model, training_run_dir
 from meloformer_model.data.dataset import plan_dataset
 from meloformer_model.data.dataset_checks import CHECK_NAMES
 from meloformer_model.data.shards import (
@@ -31,7 +33,7 @@ from meloformer_model.data.shards import (
     save_registry,
     shard_digest,
 )
-from pipelines.resources import CorpusStorage
+from pipelines.resources import CorpusStorage, TrainingSettings
 
 
 @dataclass
@@ -110,3 +112,37 @@ def current_dataset(storage: CorpusStorage, instance: DagsterInstance) -> Path |
     if plan_dataset(tokens, DATASET_CONFIG, VOCABULARY_VERSION).version != path.name:
         return None
     return path
+
+
+def current_training(
+    storage: CorpusStorage, instance: DagsterInstance, training: TrainingSettings, dataset: Path
+) -> bool:
+    """Whether ``training_job`` would change nothing on this dataset version: its training run
+    finished with the current config (``trained_model`` would only reuse it), the partition's
+    latest ``trained_model`` materialization reports that run's checkpoint, and an
+    ``evaluation_report`` came after that materialization."""
+    from meloformer_model.training.trainer import completed_run  # torch: not with the definitions
+
+    version = dataset.name
+    run_dir = training_run_dir(storage, training.profile, version)
+    done = completed_run(run_dir, training.config(), dataset)
+    model, report = (
+        _latest(instance, key, version) for key in (trained_model.key, evaluation_report.key)
+    )
+    if done is None or model is None or report is None:
+        return False
+    checkpoint = model.asset_materialization.metadata.get("checkpoint")
+    return (
+        checkpoint is not None
+        and checkpoint.value == done["checkpoint"]
+        and report.storage_id > model.storage_id
+    )
+
+
+def _latest(
+    instance: DagsterInstance, key: dg.AssetKey, partition: str
+) -> dg.EventLogRecord | None:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
+    ).records
+    return records[0] if records else None

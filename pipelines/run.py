@@ -14,8 +14,8 @@ from assets.corpus import latest_dataset_path
 from meloformer_model.data.parallel import release_freed_memory
 from pipelines.definitions import defs
 from pipelines.jobs import dataset_job, shard_job, training_job
-from pipelines.refresh import current_dataset, plan_refresh
-from pipelines.resources import storage_from_env
+from pipelines.refresh import current_dataset, current_training, plan_refresh
+from pipelines.resources import storage_from_env, training_from_env
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
@@ -50,12 +50,14 @@ def run_corpus_pipeline(instance: dg.DagsterInstance) -> bool:
     print(f"artifacts under {storage.root}; dataset: {dataset}")
     if not built:
         return False
-    training = defs.resolve_job_def(training_job.name)
-    result = training.execute_in_process(
-        instance=instance, partition_key=dataset.name, run_config=QUIET
-    )
-    if not result.success:
-        return False
+    if current_training(storage, instance, training_from_env(), dataset):
+        print(f"  training on {dataset.name} finished and evaluated: training_job skipped")
+    else:
+        result = defs.resolve_job_def(training_job.name).execute_in_process(
+            instance=instance, partition_key=dataset.name, run_config=QUIET
+        )
+        if not result.success:
+            return False
     for asset in ("trained_model", "evaluation_report"):
         event = instance.get_latest_materialization_event(dg.AssetKey(asset))
         meta = event.asset_materialization.metadata

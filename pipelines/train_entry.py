@@ -26,17 +26,8 @@ def main() -> None:
     else:
         with open_dagster_pipes() as pipes:
             result = train(Path(dataset), vocab, Path(out), config, log=pipes.log.info)
-            payload = {
-                "history": result.history,
-                "tokens_per_second": result.tokens_per_second,
-                "mfu": result.mfu,
-                "peak_memory_bytes": result.peak_memory_bytes,
-                "wall_seconds": result.wall_seconds,
-                "parameters": result.parameters,
-                "checkpoint": str(result.checkpoint),
-                "best": str(result.best),
-            }
-            pipes.report_asset_materialization(metadata={"result": json.dumps(payload)})
+            figures = json.dumps(result.figures())
+            pipes.report_asset_materialization(metadata={"result": figures})
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -16,7 +16,15 @@ from safetensors.torch import load_file
 from meloformer_model.model import MeloFormer, model_config
 from meloformer_model.training.checkpoint import best_checkpoint, load_model, tokenizer_config
 from meloformer_model.training.data import IGNORE, PackedLoader
-from meloformer_model.training.trainer import PROFILES, lr_at, param_groups, train, unigram_loss
+from meloformer_model.training.trainer import (
+    PROFILES,
+    SUMMARY,
+    completed_run,
+    lr_at,
+    param_groups,
+    train,
+    unigram_loss,
+)
 
 FAST = replace(PROFILES["cpu"], seq_len=128, batch_size=4, max_steps=6, eval_every=3,
                checkpoint_every=3, warmup_steps=2)  # fmt: skip
@@ -93,6 +101,36 @@ def test_checkpoints_are_safetensors_and_json_and_rebuild_the_model(prepared, tm
     assert state["step"] == 6 and len(state["history"]) == 6
     assert best_checkpoint(tmp_path) in (tmp_path / "step-0000003", tmp_path / "step-0000006")
     assert len(list(tmp_path.glob("step-*"))) <= 3
+
+
+def test_a_finished_run_is_returned_as_it_was_not_trained_again(prepared, tmp_path):
+    first = train(prepared.dataset.path, prepared.vocab, tmp_path, FAST, log=lambda _: None)
+    assert first.tokens_per_second > 0 and (tmp_path / SUMMARY).exists()
+    files = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    steps, logs = [], []
+    again = train(prepared.dataset.path, prepared.vocab, tmp_path, FAST, log=logs.append,
+                  metrics=steps.append)  # fmt: skip
+    assert steps == []  # no training step ran
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == files
+    assert again.figures() == first.figures()  # tokens/s, losses, wall time: the first run's
+    assert any("reused" in line for line in logs)
+    weights = zip(first.model.state_dict().values(), again.model.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in weights)
+    other_version = tmp_path / "another-dataset-version"
+    assert completed_run(tmp_path, FAST, other_version) is None
+    assert completed_run(tmp_path, replace(FAST, lr=1e-3), prepared.dataset.path) is None
+
+
+def test_a_changed_config_trains_again(prepared, tmp_path):
+    train(prepared.dataset.path, prepared.vocab, tmp_path, FAST, log=lambda _: None)
+    longer = replace(FAST, max_steps=8)
+    steps = []
+    result = train(prepared.dataset.path, prepared.vocab, tmp_path, longer, log=lambda _: None,
+                   metrics=steps.append)  # fmt: skip
+    assert [r["step"] for r in steps] == [7, 8]
+    assert result.tokens_per_second > 0 and result.history[-1]["step"] == 8
+    assert completed_run(tmp_path, longer, prepared.dataset.path) == result.figures()
+    assert completed_run(tmp_path, FAST, prepared.dataset.path) is None
 
 
 @pytest.mark.slow

@@ -9,8 +9,8 @@ import pytest
 
 from assets import checks
 from assets.corpus import arrow_dataset, chord_annotations, filtered_midi, hid_tokens, vocabulary
-from assets.training import evaluation_report, trained_model
-from pipelines.refresh import plan_refresh
+from assets.training import dataset_path, evaluation_report, trained_model, training_run_dir
+from pipelines.refresh import current_training, plan_refresh
 from pipelines.resources import CorpusStorage, TrainingSettings
 
 CHECKS = dg.load_asset_checks_from_modules([checks])
@@ -84,6 +84,37 @@ def test_training_and_evaluation_on_a_checked_dataset(corpus_run):
     report_meta = report.asset_materialization.metadata
     assert Path(report_meta["report"].value).exists()
     assert "validation perplexity" in report_meta["summary"].value
+
+
+def _metadata(result: dg.ExecuteInProcessResult) -> dict:
+    return {
+        k: v.value
+        for k, v in result.asset_materializations_for_node("trained_model")[0].metadata.items()
+    }
+
+
+def test_a_finished_training_is_reused_and_make_run_skips_it(corpus_run):
+    storage, instance = corpus_run
+    version = instance.get_dynamic_partitions("dataset_versions")[-1]
+    dataset = dataset_path(storage, version)
+    settings = TrainingSettings(max_steps=3, eval_pieces=1, eval_bars=1)
+    run_dir = training_run_dir(storage, settings.profile, version)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    first = _metadata(_train(storage, instance, version, settings))
+    assert not first["reused_completed_run"] and first["tokens_per_second"] > 0
+    assert not current_training(storage, instance, settings, dataset)  # not evaluated yet
+    assert _train(storage, instance, version, settings, (evaluation_report,)).success
+    assert current_training(storage, instance, settings, dataset)  # make run: nothing to do
+    files = {p: p.stat().st_mtime_ns for p in run_dir.glob("step-*/*")}
+    again = _metadata(_train(storage, instance, version, settings))
+    assert {p: p.stat().st_mtime_ns for p in run_dir.glob("step-*/*")} == files
+    assert again.pop("reused_completed_run") and not first.pop("reused_completed_run")
+    assert again == first  # steps, losses, tokens/s, MFU, wall time, checkpoints: the first run's
+    longer = TrainingSettings(max_steps=4, eval_pieces=1, eval_bars=1)
+    assert not current_training(storage, instance, longer, dataset)
+    trained = _metadata(_train(storage, instance, version, longer))
+    assert not trained["reused_completed_run"] and trained["steps"] == 4
+    assert trained["tokens_per_second"] > 0 and trained["checkpoint"] != first["checkpoint"]
 
 
 @pytest.mark.slow

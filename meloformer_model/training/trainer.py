@@ -1,5 +1,6 @@
 """The training loop: AdamW with warmup + cosine, accumulation, clipping, per-token losses,
-exact resume, optional DDP (``torchrun``) and bf16 on GPU.
+exact resume, optional DDP (``torchrun``) and bf16 on GPU. A finished run keeps its figures in
+``summary.json`` beside its checkpoints; training it again returns them instead of training.
 
 Hardware profiles are configs: ``cpu`` trains the tiny model in minutes (the main command and
 the tests), ``h100``/``h800`` are the upstream recipes at 8192 tokens.
@@ -13,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import datasets
@@ -35,11 +36,14 @@ from meloformer_model.training.checkpoint import (
     BEST,
     best_checkpoint,
     checkpoints,
+    load_model,
     prune,
     restore_training,
     save_checkpoint,
 )
 from meloformer_model.training.data import IGNORE, Batch, PackedLoader
+
+SUMMARY = "summary.json"
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,45 @@ class TrainResult:
     peak_memory_bytes: int
     wall_seconds: float
     parameters: int
+    processes: int
+
+    def figures(self) -> dict:
+        """Everything but the model, JSON-ready: what the asset reports and the summary keeps."""
+        figures = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
+        return {**figures, "checkpoint": str(self.checkpoint), "best": str(self.best)}
+
+
+def completed_run(out_dir: Path, config: TrainConfig, dataset_path: Path) -> dict | None:
+    """The figures of the run that finished in ``out_dir`` (as ``TrainResult.figures``) if it
+    trained ``config`` on this dataset version and its final checkpoint is still the newest; None
+    when training has to run (resuming a finished run would train nothing and measure nothing)."""
+    out_dir = Path(out_dir)
+    path = out_dir / SUMMARY
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    saved = checkpoints(out_dir)
+    if (
+        summary.pop("dataset") != Path(dataset_path).name
+        or summary.pop("train") != config.to_dict()
+        or not saved
+        or saved[-1].name != summary["checkpoint"]
+    ):
+        return None
+    return {
+        **summary,
+        "checkpoint": str(out_dir / summary["checkpoint"]),
+        "best": str(out_dir / summary["best"]),
+    }
+
+
+def _save_summary(
+    out_dir: Path, result: TrainResult, config: TrainConfig, dataset_path: Path
+) -> None:
+    """Checkpoint names, not paths: the summary stays valid when the data root moves."""
+    figures = {**result.figures(), "checkpoint": result.checkpoint.name, "best": result.best.name}
+    summary = {"dataset": Path(dataset_path).name, "train": config.to_dict(), **figures}
+    write_bytes_atomic(out_dir / SUMMARY, json.dumps(summary, indent=2).encode())
 
 
 def device_for(requested: str | None = None) -> torch.device:
@@ -159,8 +202,15 @@ def train(
     log: Callable[[str], None] = print,
     metrics: Callable[[dict], None] | None = None,
 ) -> TrainResult:
-    """Train (or resume, if ``out_dir`` holds checkpoints) until ``max_steps`` or ``stop_at``."""
+    """Train (or resume, if ``out_dir`` holds checkpoints) until ``max_steps`` or ``stop_at``;
+    a run already finished there with this config and dataset is returned as it was."""
     dev = device_for(device)
+    done = completed_run(out_dir, config, dataset_path)
+    if done is not None:
+        log(f"{out_dir}: finished its {config.max_steps} steps on this config and dataset; reused")
+        model, _ = load_model(Path(done["checkpoint"]), dev)
+        paths = {"checkpoint": Path(done["checkpoint"]), "best": Path(done["best"])}
+        return TrainResult(model=model, **{**done, **paths})
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     torch.manual_seed(config.seed)
@@ -189,6 +239,7 @@ def train(
     if existing:
         state = restore_training(existing[-1], model, optimizer, dev)
         log(f"resumed from {existing[-1].name} at step {state['step']}")
+    first_step = state["step"]
 
     def autocast():
         enabled = config.bf16 and dev.type == "cuda"
@@ -255,7 +306,7 @@ def train(
     # PaLM-style count: 6 N per token plus causal attention 6 L C T (no recomputation counted)
     per_token = 6 * params + 6 * model_cfg.n_layer * model_cfg.n_embd * config.seq_len
     flops = per_token * tokens_per_second
-    return TrainResult(
+    result = TrainResult(
         model=model,
         checkpoint=last_saved or checkpoints(out_dir)[-1],
         best=best_checkpoint(out_dir) or checkpoints(out_dir)[-1],
@@ -265,7 +316,11 @@ def train(
         peak_memory_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0,
         wall_seconds=wall,
         parameters=params,
+        processes=world,
     )  # fmt: skip
+    if rank == 0 and state["step"] == config.max_steps and state["step"] > first_step:
+        _save_summary(out_dir, result, config, dataset_path)  # only figures of steps trained here
+    return result
 
 
 def _batches(loader: PackedLoader, epoch: int, skip: int):
