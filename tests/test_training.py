@@ -55,6 +55,21 @@ def test_packed_batches_keep_documents_apart(prepared):
         assert (batch.doc[r, at:] == -1).all() and (batch.targets[r, at:] == IGNORE).all()
 
 
+def test_every_batch_has_the_same_shape(prepared):
+    """A short last batch (validation keeps it) is padded with empty rows: one compiled shape."""
+    import datasets
+
+    data = datasets.load_from_disk(str(prepared.dataset.path))["valid"]
+    loader = PackedLoader(data, batch_size=4, seq_len=512, shuffle=False)
+    plan = loader.plan(0)
+    last = plan[-1]
+    assert 0 < len(last) < 4, "the sample corpus's validation split should end on a short batch"
+    batch = loader.make(last)
+    assert batch.ids.shape == batch.targets.shape == batch.doc.shape == (4, 512)
+    assert (batch.doc[len(last) :] == -1).all() and (batch.targets[len(last) :] == IGNORE).all()
+    assert batch.n_targets == sum(loader.make([row]).n_targets for row in last)
+
+
 def test_schedule_and_param_groups():
     cfg = replace(PROFILES["cpu"], lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)

@@ -1,6 +1,7 @@
 """Packed training batches from the memory-mapped Arrow dataset.
 
-Every batch has the same shape (batch × seq_len), so one compiled shape serves a whole run.
+Every batch has the same shape (batch × seq_len; a short last batch gets empty rows), so one
+compiled shape serves a whole run.
 Documents longer than a row are cut into row-sized windows; windows are shuffled with a seeded
 generator per epoch and packed greedily into rows with document ids, which the model's masks
 use to keep documents apart. The plan of an epoch is a pure function of (seed, epoch), so a
@@ -99,7 +100,7 @@ class PackedLoader:
         return self.columns[name][doc].values.to_numpy(zero_copy_only=False)
 
     def make(self, rows: list[list[tuple[int, int, int]]]) -> Batch:
-        shape = (len(rows), self.seq_len)
+        shape = (self.batch_size, self.seq_len)
         arrays = {name: np.zeros(shape, dtype=np.int64) for name in ("ids", *SIDE)}
         targets = np.full(shape, IGNORE, dtype=np.int64)
         docs = np.full(shape, -1, dtype=np.int64)
