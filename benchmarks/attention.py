@@ -45,9 +45,9 @@ Defaults. CPU: T = 1k-16k for attention (a variant is skipped when its single ru
 quadratically from the previous length, above --max-run-s), flex at 2k and 8k only (it compiles
 per shape), model at 2k and 8k, profile at 2k, fp32, 3 repeats within 12 s per configuration,
 about 9 minutes on 2 cores. CUDA: T = 1k-32k, flex forward+backward everywhere, model (flex
-backend, bf16 autocast) at 2k, 8k, 16k. On CPU the block masks are built eagerly (see
-``flex_block_mask``), so their build time there is not the GPU's. --wait-idle-s waits for a
-shared machine.
+backend, bf16 autocast) at 2k, 8k, 16k. The flex masks read a visibility table of every token
+pair, built once per batch (``flex_masks``; its bytes are reported, it exists before the
+attention call like the other inputs). --wait-idle-s waits for a shared machine.
 
 Goals (from the issue): at 8k tokens on GPU, flex >= 3x faster and >= 3x less attention memory
 than full causal attention; gradient checkpointing cuts activation memory per layer >= 3x at 8k;
@@ -495,6 +495,8 @@ def child_ours(spec: dict) -> dict:
             holder["masks"] = mm.build_masks(config, regular)
 
         info["mask_build"] = measure(build, device, None, spec["repeats"], spec["budget_s"])
+        n_tokens = masks.summary.doc.shape[1] + length
+        info["visibility_table_bytes"] = masks.summary.doc.shape[0] * n_tokens**2
         info["block_sparsity_update_pct"] = float(masks.update.block_mask.sparsity())
         info["block_size"] = list(masks.update.block_mask.BLOCK_SIZE)
     n_summary = masks.summary.doc.shape[1]
@@ -1124,7 +1126,9 @@ def report(
             if name == "ours_flex":
                 note = f"compile {e.get('first_call_s', 0):.1f}s"
                 if "mask_build" in e:
-                    note += f", block mask {e['mask_build']['best_s'] * 1e3:,.0f} ms"
+                    note += f", masks {e['mask_build']['best_s'] * 1e3:,.0f} ms"
+                if "visibility_table_bytes" in e:
+                    note += f" (table {e['visibility_table_bytes'] / MB:,.0f} MiB)"
                 if "block_sparsity_update_pct" in e:
                     note += f", block sparsity {e['block_sparsity_update_pct']:.0f}%"
                 if not fb:

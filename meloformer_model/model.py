@@ -387,17 +387,9 @@ def document_masks(rules: AttentionRules, summaries: Stream, regular: Stream) ->
     )
 
 
-# Each attention phase has its own functions: dynamo keeps at most ``recompile_limit`` (8)
+# Each attention phase has its own function: dynamo keeps at most ``recompile_limit`` (8)
 # compiled shapes per function (per code object, however many torch.compile wrappers share it),
 # and the two phases see different shapes for every summary width.
-def _summarize_block_mask(mask_mod, batch: int, q_len: int, kv_len: int, device):
-    return create_block_mask(mask_mod, batch, None, q_len, kv_len, device=device)
-
-
-def _update_block_mask(mask_mod, batch: int, q_len: int, kv_len: int, device):
-    return create_block_mask(mask_mod, batch, None, q_len, kv_len, device=device)
-
-
 def _summarize_flex(q, k, v, block_mask, enable_gqa: bool) -> torch.Tensor:
     return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
@@ -411,20 +403,31 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
-@torch.no_grad()
-def flex_block_mask(rules: AttentionRules, queries: Stream, keys: Stream, build: Callable):
-    """FlexAttention block mask from the same predicate (per sample), made by a phase's
-    ``build``. Compiled on GPU, always without grad (so training and evaluation share each
-    compiled shape); on CPU built eagerly: torch 2.13's inductor CPU codegen fails to compile it
-    (VecMask<int> vs VecMask<float>) whenever the key length is a multiple of 128, and CPU flex
-    is a test path."""
+def _visibility(rules: AttentionRules, tokens: Stream) -> torch.Tensor:
+    return visible(rules, tokens.expand(2), tokens.expand(1))
 
+
+def _block_mask(table: torch.Tensor, first_query: int, n_queries: int) -> BlockMask:
     def mask_mod(b, h, q_idx, kv_idx):
-        return visible(rules, queries.at(b, q_idx), keys.at(b, kv_idx))
+        return table[b, first_query + q_idx, kv_idx]
 
-    device = queries.doc.device
-    build = _compiled(build) if device.type == "cuda" else build
-    return build(mask_mod, queries.doc.shape[0], queries.doc.shape[1], keys.doc.shape[1], device)
+    batch, _, n_keys = table.shape
+    return create_block_mask(mask_mod, batch, None, n_queries, n_keys, device=table.device)
+
+
+@torch.no_grad()
+def flex_masks(rules: AttentionRules, summaries: Stream, regular: Stream) -> tuple:
+    """(summarize, update) FlexMasks from the same predicate, per sample. The predicate is
+    evaluated once per batch into a (B, S + T, S + T) table of every token pair (one fused
+    compiled kernel), which both phases' mask_mods read: a partial tile then costs one byte per
+    entry, not the predicate's ~70 integer operations per entry, every layer, forward and
+    backward. Tiles with nothing visible are skipped as before."""
+    table = _compiled(_visibility)(rules, summaries.cat(regular))
+    n_summaries, n_regular = summaries.doc.shape[1], regular.doc.shape[1]
+    return (
+        FlexMask(_block_mask(table, 0, n_summaries), _summarize_flex),
+        FlexMask(_block_mask(table, n_summaries, n_regular), _update_flex),
+    )
 
 
 @dataclass
@@ -456,13 +459,7 @@ def build_masks(config: ModelConfig, regular: Stream) -> BatchMasks:
     if config.backend == "dense":
         summarize, update = document_masks(config.rules, summaries, regular)
     else:
-        keys = summaries.cat(regular)
-        summarize = FlexMask(
-            flex_block_mask(config.rules, summaries, keys, _summarize_block_mask), _summarize_flex
-        )
-        update = FlexMask(
-            flex_block_mask(config.rules, regular, keys, _update_block_mask), _update_flex
-        )
+        summarize, update = flex_masks(config.rules, summaries, regular)
     return BatchMasks(regular=regular, summary=summaries, summarize=summarize, update=update)
 
 

@@ -329,3 +329,10 @@ def test_flex_backend_agrees_with_dense(pieces):
         expected = model(ids, dense)
         got = flex_model(ids, flex)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    packed = _packed_batch(pieces)  # two rows: three documents; one document and padding
+    ids = torch.randint(0, V, packed.doc.shape, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = model(ids, build_masks(model.config, packed))
+        got = flex_model(ids, build_masks(flex_model.config, packed))
+    real = packed.doc >= 0
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-4)
