@@ -16,9 +16,10 @@ shift
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(tests attention train)
 py=${PYTHON:-python3}
-cd "$(dirname "$0")/.."
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package, uninstalled
 failed=0
 
 stage() {  # stage NAME LIMIT_S COMMAND...: run, log, collect the result files it wrote
