@@ -4,7 +4,9 @@
 pool (one training per GPU), and runs in-process on one device or under ``torchrun`` through
 Dagster Pipes for several; either way the loss curve, throughput, utilisation, memory and the
 checkpoint path come back as metadata. A run already finished with the same config on the same
-dataset version is not trained again: its saved figures are reported, marked as reused.
+dataset version is not trained again: its saved figures are reported, marked as reused. Each
+config trains in its own folder (``TrainConfig.run_key``), so a changed config is a new run
+beside the old one, never a resumption of it.
 """
 
 import json
@@ -20,7 +22,7 @@ from meloformer_model.tokenizer.vocab import Vocabulary
 from pipelines.resources import CorpusStorage, TrainingSettings
 
 dataset_versions = dg.DynamicPartitionsDefinition(name="dataset_versions")
-TRAINING_CODE_VERSION = "1"
+TRAINING_CODE_VERSION = "2"
 
 
 def dataset_path(storage: CorpusStorage, version: str) -> Path:
@@ -42,8 +44,14 @@ def require_checks_passed(context: dg.AssetExecutionContext) -> None:
         raise dg.Failure(f"arrow_dataset checks not passed: {', '.join(failed)}")
 
 
-def training_run_dir(storage: CorpusStorage, profile: str, version: str) -> Path:
-    return storage.root / "trained_model" / profile / version
+def _run_path(training: TrainingSettings, version: str) -> Path:
+    """``<profile>/<dataset version>/<run key>``: one folder per training run, so runs of other
+    configs (up to their length and eval/checkpoint settings) never resume each other."""
+    return Path(training.profile, version, training.config().run_key())
+
+
+def training_run_dir(storage: CorpusStorage, training: TrainingSettings, version: str) -> Path:
+    return storage.root / "trained_model" / _run_path(training, version)
 
 
 def _metadata(result: dict, run_dir: Path, profile: str, config: dict, baseline: float) -> dict:
@@ -104,7 +112,7 @@ def trained_model(
     vocab_path = latest_vocabulary_path(storage)
     vocab = Vocabulary.load(vocab_path, expected=TOKENIZER_CONFIG)
     config = training.config()
-    run_dir = training_run_dir(storage, training.profile, version)
+    run_dir = training_run_dir(storage, training, version)
     run_dir.mkdir(parents=True, exist_ok=True)
     result = completed_run(run_dir, config, data)
     reused = result is not None
@@ -152,12 +160,12 @@ def evaluation_report(
     from meloformer_model.training.checkpoint import best_checkpoint
 
     version = context.partition_key
-    run_dir = training_run_dir(storage, training.profile, version)
+    run_dir = training_run_dir(storage, training, version)
     checkpoint = best_checkpoint(run_dir)
     if checkpoint is None:
         raise dg.Failure(f"no best checkpoint in {run_dir}: materialize trained_model first")
     vocab = Vocabulary.load(latest_vocabulary_path(storage), expected=TOKENIZER_CONFIG)
-    out = storage.root / "evaluation_report" / training.profile / version
+    out = storage.root / "evaluation_report" / _run_path(training, version)  # one per run
     ev = evaluate_checkpoint(
         checkpoint,
         dataset_path(storage, version),

@@ -124,7 +124,7 @@ def current_training(
     from meloformer_model.training.trainer import completed_run  # torch: not with the definitions
 
     version = dataset.name
-    run_dir = training_run_dir(storage, training.profile, version)
+    run_dir = training_run_dir(storage, training, version)
     done = completed_run(run_dir, training.config(), dataset)
     model, report = (
         _latest(instance, key, version) for key in (trained_model.key, evaluation_report.key)

@@ -19,6 +19,7 @@ from meloformer_model.training.data import IGNORE, PackedLoader
 from meloformer_model.training.trainer import (
     PROFILES,
     SUMMARY,
+    TrainConfig,
     completed_run,
     lr_at,
     param_groups,
@@ -134,6 +135,9 @@ def test_a_finished_run_is_returned_as_it_was_not_trained_again(prepared, tmp_pa
     other_version = tmp_path / "another-dataset-version"
     assert completed_run(tmp_path, FAST, other_version) is None
     assert completed_run(tmp_path, replace(FAST, lr=1e-3), prepared.dataset.path) is None
+    # eval and checkpoint settings would not have changed the weights: still this finished run
+    same_run = replace(FAST, eval_every=2, keep_last=5)
+    assert completed_run(tmp_path, same_run, prepared.dataset.path) == first.figures()
 
 
 def test_a_changed_config_trains_again(prepared, tmp_path):
@@ -146,6 +150,31 @@ def test_a_changed_config_trains_again(prepared, tmp_path):
     assert result.tokens_per_second > 0 and result.history[-1]["step"] == 8
     assert completed_run(tmp_path, longer, prepared.dataset.path) == result.figures()
     assert completed_run(tmp_path, FAST, prepared.dataset.path) is None
+
+
+def test_resuming_with_another_config_is_refused_and_changes_nothing(prepared, tmp_path):
+    train(prepared.dataset.path, prepared.vocab, tmp_path, FAST, stop_at=3, log=lambda _: None)
+    files = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    refused = {
+        "lr 0.003 → 0.001": replace(FAST, lr=1e-3),
+        "size 'tiny' → 'small'": replace(FAST, size="small"),
+        "batch_size 4 → 8, seed 0 → 1": replace(FAST, batch_size=8, seed=1, max_steps=9),
+        "already at step 3, past max_steps 2": replace(FAST, max_steps=2),
+    }
+    for message, config in refused.items():
+        with pytest.raises(ValueError, match=message) as refusal:
+            train(prepared.dataset.path, prepared.vocab, tmp_path, config, log=lambda _: None)
+        assert str(tmp_path) in str(refusal.value)
+        assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == files
+
+
+def test_the_run_key_names_the_trajectory_not_its_length_or_measurements():
+    key = FAST.run_key()
+    assert len(key) == 12 and int(key, 16) >= 0
+    measured = replace(FAST, max_steps=600, eval_every=7, checkpoint_every=7, keep_last=9)
+    assert measured.run_key() == key == replace(FAST).run_key()
+    for changed in (replace(FAST, lr=1e-3), replace(FAST, n_kv_head=1), TrainConfig()):
+        assert changed.run_key() != key
 
 
 @pytest.mark.slow

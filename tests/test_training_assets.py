@@ -1,7 +1,9 @@
 """Training and evaluation assets: gated by the dataset checks, lineage to the dataset version,
 metadata, and the torchrun-through-Pipes path with two CPU processes."""
 
+import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
@@ -10,6 +12,7 @@ import pytest
 from assets import checks
 from assets.corpus import arrow_dataset, chord_annotations, filtered_midi, hid_tokens, vocabulary
 from assets.training import dataset_path, evaluation_report, trained_model, training_run_dir
+from meloformer_model.training import trainer
 from pipelines.refresh import current_training, plan_refresh
 from pipelines.resources import CorpusStorage, TrainingSettings
 
@@ -98,7 +101,7 @@ def test_a_finished_training_is_reused_and_make_run_skips_it(corpus_run):
     version = instance.get_dynamic_partitions("dataset_versions")[-1]
     dataset = dataset_path(storage, version)
     settings = TrainingSettings(max_steps=3, eval_pieces=1, eval_bars=1)
-    run_dir = training_run_dir(storage, settings.profile, version)
+    run_dir = training_run_dir(storage, settings, version)
     shutil.rmtree(run_dir, ignore_errors=True)
     first = _metadata(_train(storage, instance, version, settings))
     assert not first["reused_completed_run"] and first["tokens_per_second"] > 0
@@ -115,6 +118,25 @@ def test_a_finished_training_is_reused_and_make_run_skips_it(corpus_run):
     trained = _metadata(_train(storage, instance, version, longer))
     assert not trained["reused_completed_run"] and trained["steps"] == 4
     assert trained["tokens_per_second"] > 0 and trained["checkpoint"] != first["checkpoint"]
+
+
+def test_a_changed_config_is_a_new_run_beside_the_old_one(corpus_run, monkeypatch):
+    storage, instance = corpus_run
+    version = instance.get_dynamic_partitions("dataset_versions")[-1]
+    settings = TrainingSettings(max_steps=2)
+    shutil.rmtree(storage.root / "trained_model", ignore_errors=True)
+    assert _train(storage, instance, version, settings).success
+    old_dir = training_run_dir(storage, settings, version)
+    files = {p: p.stat().st_mtime_ns for p in old_dir.rglob("*")}
+    monkeypatch.setitem(trainer.PROFILES, "cpu", replace(trainer.PROFILES["cpu"], lr=1e-3))
+    new_dir = training_run_dir(storage, settings, version)
+    assert new_dir.parent == old_dir.parent and new_dir != old_dir
+    meta = _metadata(_train(storage, instance, version, settings))
+    assert not meta["reused_completed_run"] and meta["config"]["lr"] == 1e-3
+    assert Path(meta["checkpoint"]).parent == new_dir
+    state = json.loads(Path(meta["checkpoint"], "state.json").read_text())
+    assert [h["step"] for h in state["history"]] == [1, 2]  # trained from scratch
+    assert {p: p.stat().st_mtime_ns for p in old_dir.rglob("*")} == files
 
 
 @pytest.mark.slow

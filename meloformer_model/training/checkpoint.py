@@ -63,10 +63,20 @@ def save_checkpoint(
 def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[MeloFormer, dict]:
     """Rebuild the model from a checkpoint's own config; return it with all stored configs."""
     folder = Path(folder)
-    configs = json.loads((folder / "config.json").read_text())
+    configs = read_configs(folder)
     model = MeloFormer(ModelConfig.from_dict(configs["model"]))
     model.load_state_dict(load_file(folder / "model.safetensors", device=str(device)))
     return model.to(device), configs
+
+
+def read_configs(folder: Path) -> dict:
+    """The model, training and tokenizer configs a checkpoint was saved with."""
+    return json.loads((Path(folder) / "config.json").read_text())
+
+
+def read_state(folder: Path) -> dict:
+    """Step, data position, history and optimizer hyperparameters at the checkpoint."""
+    return json.loads((Path(folder) / "state.json").read_text())
 
 
 def tokenizer_config(configs: dict) -> TokenizerConfig:
@@ -80,7 +90,7 @@ def restore_training(
     folder = Path(folder)
     model.load_state_dict(load_file(folder / "model.safetensors", device=str(device)))
     tensors = load_file(folder / "optimizer.safetensors")
-    state = json.loads((folder / "state.json").read_text())
+    state = read_state(folder)
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("rng."):

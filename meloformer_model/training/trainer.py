@@ -1,6 +1,7 @@
 """The training loop: AdamW with warmup + cosine, accumulation, clipping, per-token losses,
 exact resume, optional DDP (``torchrun``) and bf16 on GPU. A finished run keeps its figures in
 ``summary.json`` beside its checkpoints; training it again returns them instead of training.
+A folder holds one run: resuming it with a config that would change its trajectory is refused.
 
 Hardware profiles are configs: ``cpu`` trains the tiny model in minutes (the main command and
 the tests), ``h100``/``h800`` are the upstream recipes at 8192 tokens.
@@ -9,6 +10,7 @@ the tests), ``h100``/``h800`` are the upstream recipes at 8192 tokens.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -38,12 +40,18 @@ from meloformer_model.training.checkpoint import (
     checkpoints,
     load_model,
     prune,
+    read_configs,
+    read_state,
     restore_training,
     save_checkpoint,
 )
 from meloformer_model.training.data import IGNORE, Batch, PackedLoader
 
 SUMMARY = "summary.json"
+
+# Fields a run may change and still be the same run: they say how long to train and what to
+# measure or keep, not which weights the steps produce.
+TRAJECTORY_NEUTRAL = frozenset({"max_steps", "eval_every", "checkpoint_every", "keep_last"})
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,27 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def run_key(self) -> str:
+        """12 hex digits naming the run's trajectory (the config less ``TRAJECTORY_NEUTRAL``):
+        configs with one key may continue each other's run, any other config is another run."""
+        trajectory = json.dumps(_trajectory(self.to_dict()), sort_keys=True)
+        return hashlib.sha256(trajectory.encode()).hexdigest()[:12]
+
+
+def _trajectory(config: dict) -> dict:
+    return {name: value for name, value in config.items() if name not in TRAJECTORY_NEUTRAL}
+
+
+def _trajectory_changes(saved: dict, requested: dict) -> dict[str, tuple]:
+    """``{field: (saved, requested)}`` for every field that differs and is not neutral (a field
+    one side lacks, from an older or newer ``TrainConfig``, counts as None there)."""
+    old, new = _trajectory(saved), _trajectory(requested)
+    return {
+        name: (old.get(name), new.get(name))
+        for name in sorted(old.keys() | new.keys())
+        if old.get(name) != new.get(name)
+    }
 
 
 PROFILES: dict[str, TrainConfig] = {
@@ -155,17 +184,21 @@ class TrainResult:
 
 def completed_run(out_dir: Path, config: TrainConfig, dataset_path: Path) -> dict | None:
     """The figures of the run that finished in ``out_dir`` (as ``TrainResult.figures``) if it
-    trained ``config`` on this dataset version and its final checkpoint is still the newest; None
-    when training has to run (resuming a finished run would train nothing and measure nothing)."""
+    trained ``config``'s trajectory to its ``max_steps`` on this dataset version and its final
+    checkpoint is still the newest; None when training has to run (resuming a finished run would
+    train nothing and measure nothing). Other eval, checkpoint or pruning settings still reuse it:
+    they would not have changed the weights."""
     out_dir = Path(out_dir)
     path = out_dir / SUMMARY
     if not path.exists():
         return None
     summary = json.loads(path.read_text())
     saved = checkpoints(out_dir)
+    trained = summary.pop("train")
     if (
         summary.pop("dataset") != Path(dataset_path).name
-        or summary.pop("train") != config.to_dict()
+        or trained["max_steps"] != config.max_steps
+        or _trajectory_changes(trained, config.to_dict())
         or not saved
         or saved[-1].name != summary["checkpoint"]
     ):
@@ -203,14 +236,23 @@ def train(
     metrics: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Train (or resume, if ``out_dir`` holds checkpoints) until ``max_steps`` or ``stop_at``;
-    a run already finished there with this config and dataset is returned as it was."""
+    a run already finished there with this config and dataset is returned as it was.
+
+    Resuming needs the checkpoint's config up to ``TRAJECTORY_NEUTRAL`` fields, else ValueError
+    (train another config into another folder). A raised ``max_steps`` continues the run with the
+    cosine schedule recomputed for the new length, so its steps from there on follow a schedule
+    the earlier steps did not; a ``max_steps`` below the checkpoint's step is refused."""
     dev = device_for(device)
+    out_dir = Path(out_dir)
     done = completed_run(out_dir, config, dataset_path)
     if done is not None:
         log(f"{out_dir}: finished its {config.max_steps} steps on this config and dataset; reused")
         model, _ = load_model(Path(done["checkpoint"]), dev)
         paths = {"checkpoint": Path(done["checkpoint"]), "best": Path(done["best"])}
         return TrainResult(model=model, **{**done, **paths})
+    existing = checkpoints(out_dir)
+    if existing:
+        _require_same_run(out_dir, existing[-1], config)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     torch.manual_seed(config.seed)
@@ -233,9 +275,7 @@ def train(
         )
     configs = {"model": model_cfg.to_dict(), "train": config.to_dict(),
                "tokenizer": vocab.config.to_dict(), "vocab_hash": vocab.config_hash()}  # fmt: skip
-    out_dir = Path(out_dir)
     state = {"step": 0, "epoch": 0, "batch": 0, "history": [], "best_loss": None}
-    existing = checkpoints(out_dir)
     if existing:
         state = restore_training(existing[-1], model, optimizer, dev)
         log(f"resumed from {existing[-1].name} at step {state['step']}")
@@ -321,6 +361,25 @@ def train(
     if rank == 0 and state["step"] == config.max_steps and state["step"] > first_step:
         _save_summary(out_dir, result, config, dataset_path)  # only figures of steps trained here
     return result
+
+
+def _require_same_run(out_dir: Path, checkpoint: Path, config: TrainConfig) -> None:
+    """Refuse to resume another config's run: its optimizer state carries the old learning rate,
+    its weights another model's shapes or another data order, and the result would be neither
+    run. A run already past ``max_steps`` cannot be cut back to it either."""
+    changes = _trajectory_changes(read_configs(checkpoint)["train"], config.to_dict())
+    if changes:
+        listed = ", ".join(f"{name} {old!r} → {new!r}" for name, (old, new) in changes.items())
+        raise ValueError(
+            f"{out_dir} holds a run trained with another config ({listed}); resuming it would mix "
+            f"two runs: train this config into another folder"
+        )
+    step = read_state(checkpoint)["step"]
+    if step > config.max_steps:
+        raise ValueError(
+            f"{out_dir} holds a run already at step {step}, past max_steps {config.max_steps}: "
+            f"ask for at least {step} steps, or train into another folder"
+        )
 
 
 def _batches(loader: PackedLoader, epoch: int, skip: int):
