@@ -36,7 +36,9 @@ from the step and loaded, so their build peak is not in it. Activation memory *p
 what one more layer adds: the same step at twice the depth (memory only), (deep - base) / extra
 layers, so the costs that do not grow with depth (logits and loss, and with checkpointing the
 one layer recomputed at a time) cancel; they stay in the whole-step figure reported beside it.
-A forward under ``saved_tensors_hooks`` lists what autograd keeps, the additive masks apart.
+A forward under ``saved_tensors_hooks`` lists what autograd keeps, the additive masks apart; the
+same count at both depths gives the bytes kept per layer exactly (no allocator in it), reported
+beside the peak-memory figure.
 
 FLOPs of a train step: 6 x parameters x tokens (regular tokens skip wk2/wv2; summaries count
 too) + attention over the *visible* entries only (12 x head_dim x heads per entry and layer,
@@ -598,8 +600,7 @@ def child_model(spec: dict) -> dict:
     result = measure(
         lambda: step(ids, targets, masks), device, memory, spec["repeats"], spec["budget_s"]
     )
-    if not spec["checkpointing"] and not spec.get("n_layer"):
-        info["saved_tensors"] = saved_tensor_breakdown(model, ids, targets, masks, bf16, device)
+    info["saved_tensors"] = saved_tensor_breakdown(model, ids, targets, masks, bf16, device)
     grads = 4 * n_params  # fp32 gradients, allocated during backward
     growth = result["peak_bytes"]
     info |= {
@@ -621,7 +622,8 @@ def saved_tensor_breakdown(model, ids, targets, masks, bf16: bool, device: str) 
     A 4-d floating-point tensor shaped like a document's mask (1, 1, queries, keys) is the
     additive mask SDPA saves for its backward (built once per batch, shared by the layers)."""
     seen, groups = set(), {}
-    spans = masks.update.spans + masks.summarize.spans
+    phases = (masks.update, masks.summarize)
+    spans = [s for p in phases if isinstance(p, mm.DocumentMasks) for s in p.spans]
     mask_shapes = {tuple(s.bias.shape) for s in spans if s.bias is not None}
     mask_like = 0
 
@@ -1304,7 +1306,7 @@ def report(
 
     for name, m in model_out.items():
         saved = m.get("saved_tensors")
-        if saved:
+        if saved and not name.endswith("/x2"):
             top = ", ".join(f"{t['tensor']} {t['bytes'] / MB:,.0f}" for t in saved["top"][:4])
             print(
                 f"  saved for backward at {name}: {saved['total_bytes'] / MB:,.0f} MiB, of which "
@@ -1321,17 +1323,30 @@ def report(
         base["activation_bytes_per_extra_layer"] = (b - a) / (deep["n_layer"] - base["n_layer"])
         return base["activation_bytes_per_extra_layer"]
 
-    checkpoint_ratios = {}
+    def kept_per_extra_layer(name: str) -> float | None:
+        """What autograd keeps for one more layer (saved tensors, exact: no allocator in it)."""
+        base, deep = model_out.get(name, {}), model_out.get(f"{name}/x2", {})
+        if "saved_tensors" not in base or "saved_tensors" not in deep:
+            return None
+        extra = deep["saved_tensors"]["total_bytes"] - base["saved_tensors"]["total_bytes"]
+        base["saved_bytes_per_extra_layer"] = extra / (deep["n_layer"] - base["n_layer"])
+        return base["saved_bytes_per_extra_layer"]
+
+    checkpoint_ratios, kept_ratios = {}, {}
     for length in args.model_lengths:
         plain_name, ckpt_name = f"{length}/plain", f"{length}/checkpointing"
         plain, ckpt = per_extra_layer(plain_name), per_extra_layer(ckpt_name)
         checkpoint_ratios[length] = ratio(plain, ckpt)
+        kept = [kept_per_extra_layer(n) for n in (plain_name, ckpt_name)]
+        kept_ratios[length] = ratio(*kept)
         totals = [model_out.get(n, {}).get("activation_bytes") for n in (plain_name, ckpt_name)]
         t_plain = model_out.get(plain_name, {}).get("step", {}).get("best_s")
         t_ckpt = model_out.get(ckpt_name, {}).get("step", {}).get("best_s")
         print(
             f"  checkpointing at {length}: activation memory per layer (one more layer's) "
-            f"{fmt_mb(plain)} -> {fmt_mb(ckpt)} MiB ({fmt_x(checkpoint_ratios[length])} less); "
+            f"{fmt_mb(plain)} -> {fmt_mb(ckpt)} MiB ({fmt_x(checkpoint_ratios[length])} less; "
+            f"saved for backward per layer {fmt_mb(kept[0])} -> {fmt_mb(kept[1])} MiB, "
+            f"{fmt_x(kept_ratios[length])} less); "
             f"whole step {fmt_mb(totals[0])} -> {fmt_mb(totals[1])} MiB "
             f"({fmt_x(ratio(*totals))} less, one layer's recomputation included); "
             f"step time {fmt_x(ratio(t_ckpt, t_plain))}"
@@ -1403,6 +1418,9 @@ def report(
         "goal": GOAL_CHECKPOINT_RATIO,
         "value": value,
         "met": None if value is None else value >= GOAL_CHECKPOINT_RATIO,
+        "saved_for_backward_ratio": kept_ratios.get(GOAL_LENGTH),
+        "note": "value: peak memory one more layer adds (allocator included); "
+        "saved_for_backward_ratio: the bytes autograd keeps per layer (exact)",
     }
     if kind == "cpu":
         fractions = {
