@@ -3,6 +3,7 @@ two DDP processes agree."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -152,20 +153,28 @@ def test_a_changed_config_trains_again(prepared, tmp_path):
     assert completed_run(tmp_path, FAST, prepared.dataset.path) is None
 
 
-def test_resuming_with_another_config_is_refused_and_changes_nothing(prepared, tmp_path):
-    train(prepared.dataset.path, prepared.vocab, tmp_path, FAST, stop_at=3, log=lambda _: None)
-    files = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+def test_resuming_another_run_is_refused_and_changes_nothing(prepared, tmp_path):
+    """Another config, or the same config on another dataset version, is another run."""
+    run_dir = tmp_path / "run"
+    train(prepared.dataset.path, prepared.vocab, run_dir, FAST, stop_at=3, log=lambda _: None)
+    files = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    version = prepared.dataset.path.name
+    other_version = shutil.copytree(prepared.dataset.path, tmp_path / "0123456789abcdef")
     refused = {
-        "lr 0.003 → 0.001": replace(FAST, lr=1e-3),
-        "size 'tiny' → 'small'": replace(FAST, size="small"),
-        "batch_size 4 → 8, seed 0 → 1": replace(FAST, batch_size=8, seed=1, max_steps=9),
-        "already at step 3, past max_steps 2": replace(FAST, max_steps=2),
+        "lr 0.003 → 0.001": (replace(FAST, lr=1e-3), prepared.dataset.path),
+        "size 'tiny' → 'small'": (replace(FAST, size="small"), prepared.dataset.path),
+        "batch_size 4 → 8, seed 0 → 1": (
+            replace(FAST, batch_size=8, seed=1, max_steps=9),
+            prepared.dataset.path,
+        ),
+        "already at step 3, past max_steps 2": (replace(FAST, max_steps=2), prepared.dataset.path),
+        f"dataset '{version}' → '0123456789abcdef'": (FAST, other_version),
     }
-    for message, config in refused.items():
+    for message, (config, dataset) in refused.items():
         with pytest.raises(ValueError, match=message) as refusal:
-            train(prepared.dataset.path, prepared.vocab, tmp_path, config, log=lambda _: None)
-        assert str(tmp_path) in str(refusal.value)
-        assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == files
+            train(dataset, prepared.vocab, run_dir, config, log=lambda _: None)
+        assert str(run_dir) in str(refusal.value)
+        assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == files
 
 
 def test_the_run_key_names_the_trajectory_not_its_length_or_measurements():

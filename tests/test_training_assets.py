@@ -19,12 +19,11 @@ from pipelines.resources import CorpusStorage, TrainingSettings
 CHECKS = dg.load_asset_checks_from_modules([checks])
 
 
-@pytest.fixture(scope="module")
-def corpus_run(tmp_path_factory, sample_files):
-    root = tmp_path_factory.mktemp("training_assets")
+def _corpus(root: Path, files: list[Path]) -> tuple[CorpusStorage, dg.DagsterInstance]:
+    """A corpus folder of ``files`` with every shard's tokens materialized."""
     corpus = root / "corpus"
     corpus.mkdir()
-    for path in sample_files[:90]:
+    for path in files:
         shutil.copy(path, corpus / path.name)
     storage = CorpusStorage(corpus_dir=str(corpus), data_root=str(root / "data"), workers=2)
     instance = dg.DagsterInstance.ephemeral()
@@ -41,6 +40,16 @@ def corpus_run(tmp_path_factory, sample_files):
     return storage, instance
 
 
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory, sample_files):
+    """A corpus's dataset version with its blocking checks passed: what training needs."""
+    storage, instance = _corpus(tmp_path_factory.mktemp("training_assets"), sample_files[:90])
+    assert dg.materialize(
+        [vocabulary, arrow_dataset, *CHECKS], instance=instance, resources={"storage": storage}
+    ).success
+    return storage, instance, instance.get_dynamic_partitions("dataset_versions")[-1]
+
+
 def _train(storage, instance, version, settings, assets=(trained_model,), raise_on_error=True):
     return dg.materialize(
         list(assets),
@@ -51,8 +60,8 @@ def _train(storage, instance, version, settings, assets=(trained_model,), raise_
     )
 
 
-def test_training_refuses_a_dataset_whose_checks_did_not_run(corpus_run):
-    storage, instance = corpus_run
+def test_training_refuses_a_dataset_whose_checks_did_not_run(tmp_path, sample_files):
+    storage, instance = _corpus(tmp_path, sample_files[:40])
     # the dataset without its checks: the version partition exists, the checks never ran
     assert dg.materialize(
         [vocabulary, arrow_dataset], instance=instance, resources={"storage": storage}
@@ -64,12 +73,8 @@ def test_training_refuses_a_dataset_whose_checks_did_not_run(corpus_run):
     assert "arrow_dataset checks not passed" in failure
 
 
-def test_training_and_evaluation_on_a_checked_dataset(corpus_run):
-    storage, instance = corpus_run
-    assert dg.materialize(
-        [vocabulary, arrow_dataset, *CHECKS], instance=instance, resources={"storage": storage}
-    ).success
-    version = instance.get_dynamic_partitions("dataset_versions")[-1]
+def test_training_and_evaluation_on_a_checked_dataset(checked):
+    storage, instance, version = checked
     settings = TrainingSettings(max_steps=3, eval_pieces=1, eval_bars=1)
     result = _train(storage, instance, version, settings, (trained_model, evaluation_report))
     assert result.success
@@ -96,9 +101,8 @@ def _metadata(result: dg.ExecuteInProcessResult) -> dict:
     }
 
 
-def test_a_finished_training_is_reused_and_make_run_skips_it(corpus_run):
-    storage, instance = corpus_run
-    version = instance.get_dynamic_partitions("dataset_versions")[-1]
+def test_a_finished_training_is_reused_and_make_run_skips_it(checked):
+    storage, instance, version = checked
     dataset = dataset_path(storage, version)
     settings = TrainingSettings(max_steps=3, eval_pieces=1, eval_bars=1)
     run_dir = training_run_dir(storage, settings, version)
@@ -120,9 +124,8 @@ def test_a_finished_training_is_reused_and_make_run_skips_it(corpus_run):
     assert trained["tokens_per_second"] > 0 and trained["checkpoint"] != first["checkpoint"]
 
 
-def test_a_changed_config_is_a_new_run_beside_the_old_one(corpus_run, monkeypatch):
-    storage, instance = corpus_run
-    version = instance.get_dynamic_partitions("dataset_versions")[-1]
+def test_a_changed_config_is_a_new_run_beside_the_old_one(checked, monkeypatch):
+    storage, instance, version = checked
     settings = TrainingSettings(max_steps=2)
     shutil.rmtree(storage.root / "trained_model", ignore_errors=True)
     assert _train(storage, instance, version, settings).success
@@ -140,9 +143,8 @@ def test_a_changed_config_is_a_new_run_beside_the_old_one(corpus_run, monkeypatc
 
 
 @pytest.mark.slow
-def test_torchrun_through_pipes_reports_back(corpus_run):
-    storage, instance = corpus_run
-    version = instance.get_dynamic_partitions("dataset_versions")[-1]
+def test_torchrun_through_pipes_reports_back(checked):
+    storage, instance, version = checked
     settings = TrainingSettings(profile="cpu", processes=2, max_steps=2)
     shutil.rmtree(storage.root / "trained_model", ignore_errors=True)
     result = _train(storage, instance, version, settings)

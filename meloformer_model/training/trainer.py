@@ -250,9 +250,10 @@ def train(
         model, _ = load_model(Path(done["checkpoint"]), dev)
         paths = {"checkpoint": Path(done["checkpoint"]), "best": Path(done["best"])}
         return TrainResult(model=model, **{**done, **paths})
+    run = {"dataset": Path(dataset_path).name, "vocab_hash": vocab.config_hash()}
     existing = checkpoints(out_dir)
     if existing:
-        _require_same_run(out_dir, existing[-1], config)
+        _require_same_run(out_dir, existing[-1], config, run)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     torch.manual_seed(config.seed)
@@ -274,7 +275,7 @@ def train(
             model, device_ids=[dev.index] if dev.type == "cuda" else None
         )
     configs = {"model": model_cfg.to_dict(), "train": config.to_dict(),
-               "tokenizer": vocab.config.to_dict(), "vocab_hash": vocab.config_hash()}  # fmt: skip
+               "tokenizer": vocab.config.to_dict(), **run}  # fmt: skip
     state = {"step": 0, "epoch": 0, "batch": 0, "history": [], "best_loss": None}
     if existing:
         state = restore_training(existing[-1], model, optimizer, dev)
@@ -363,16 +364,19 @@ def train(
     return result
 
 
-def _require_same_run(out_dir: Path, checkpoint: Path, config: TrainConfig) -> None:
-    """Refuse to resume another config's run: its optimizer state carries the old learning rate,
-    its weights another model's shapes or another data order, and the result would be neither
-    run. A run already past ``max_steps`` cannot be cut back to it either."""
-    changes = _trajectory_changes(read_configs(checkpoint)["train"], config.to_dict())
+def _require_same_run(out_dir: Path, checkpoint: Path, config: TrainConfig, run: dict) -> None:
+    """Refuse to resume another config's run, or a run on another dataset version or
+    vocabulary (``run``): its optimizer state carries the old learning rate, its weights another
+    model's shapes, another data order or other token ids, and the result would be neither run.
+    A run already past ``max_steps`` cannot be cut back to it either."""
+    saved = read_configs(checkpoint)
+    changes = _trajectory_changes(saved["train"], config.to_dict())
+    changes |= {name: (saved.get(name), new) for name, new in run.items() if saved.get(name) != new}
     if changes:
         listed = ", ".join(f"{name} {old!r} → {new!r}" for name, (old, new) in changes.items())
         raise ValueError(
-            f"{out_dir} holds a run trained with another config ({listed}); resuming it would mix "
-            f"two runs: train this config into another folder"
+            f"{out_dir} holds another run ({listed}); resuming it would mix two runs: train "
+            f"this one into another folder"
         )
     step = read_state(checkpoint)["step"]
     if step > config.max_steps:
