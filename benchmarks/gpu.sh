@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with a CUDA device and little time on it: the GPU
-# tests, the attention benchmark at 8k and 16k tokens, and the training benchmark (large, then
-# small, at 8192 tokens). Each stage runs under its own time limit, most important first, and
-# its log and result JSON land in OUT_DIR as soon as it ends, so a run cut short keeps what it
-# finished. Exit status: the number of stages that failed.
+# tests, the attention benchmark at 8k and 16k tokens, the training benchmark (large, then
+# small, at 8192 tokens) and, as stage "compiled", the large model with compiled blocks. Each
+# stage runs under its own time limit, most important first, and its log and result JSON land
+# in OUT_DIR as soon as it ends, so a run cut short keeps what it finished. Exit status: the number of stages that failed.
 #
-#   benchmarks/gpu.sh OUT_DIR [STAGE ...]    stages: tests attention train (default: all three)
+#   benchmarks/gpu.sh OUT_DIR [STAGE ...]    stages: tests attention train compiled (default: all)
 #
 # PYTHON (default python3) runs everything. DATASET and VOCAB name a prepared Arrow dataset
 # version folder and its vocab.json for the training benchmark; without them it prepares the
 # sample corpus, which needs the corpus stack (polars) as well as the training dependencies.
 set -u
-out=${1:?usage: benchmarks/gpu.sh OUT_DIR [tests|attention|train ...]}
+out=${1:?usage: benchmarks/gpu.sh OUT_DIR [tests|attention|train|compiled ...]}
 shift
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(tests attention train)
+[ ${#stages[@]} -gt 0 ] || stages=(tests attention train compiled)
 py=${PYTHON:-python3}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -41,6 +41,8 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run, log, collect the result files i
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$py" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, torch.cuda.get_device_name())'
 
+data=()
+[ -n "${DATASET:-}" ] && data=(--dataset "$DATASET" --vocab "$VOCAB")
 for s in "${stages[@]}"; do
     case $s in
     tests)
@@ -52,13 +54,15 @@ for s in "${stages[@]}"; do
             --budget-s 3 --max-run-s 20 --wait-idle-s 0
         ;;
     train)
-        data=()
-        [ -n "${DATASET:-}" ] && data=(--dataset "$DATASET" --vocab "$VOCAB")
         stage train 270 "$py" benchmarks/train.py --device cuda --sizes large small \
             --warmup 3 --steps 10 "${data[@]}"
         ;;
+    compiled)
+        stage compiled 240 "$py" benchmarks/train.py --device cuda --sizes large --compile \
+            --warmup 3 --steps 10 "${data[@]}"
+        ;;
     *)
-        echo "unknown stage: $s (tests, attention, train)" >&2
+        echo "unknown stage: $s (tests, attention, train, compiled)" >&2
         failed=$((failed + 1))
         ;;
     esac

@@ -52,7 +52,8 @@ the distinct summary widths and torch._dynamo's counters (before/after the timed
 
 Run: ``.venv/bin/python benchmarks/train.py`` (CPU: tiny and small at 1024 tokens, batch 4);
 on a GPU: ``... --device cuda`` (small and large at 8192 tokens, bf16 + flex + checkpointing as
-``PROFILES["h100"]``), written to ``results/train-<device>.json``.
+``PROFILES["h100"]``), written to ``results/train-<device>.json``; ``--compile`` compiles each
+block as well (``results/train-<device>-compiled.json``).
 """
 
 from __future__ import annotations
@@ -244,6 +245,9 @@ def bench_size(size: str, args, data, vocab_size: int, dev: torch.device, batch_
 
     torch.manual_seed(0)
     model = MeloFormer(config).to(dev).train()
+    if args.compile:
+        for block in model.blocks:  # one code object: compiled once per shape for all blocks
+            block.compile(dynamic=False)
     optimizer = torch.optim.AdamW(param_groups(model, profile.weight_decay), lr=profile.lr,
                                   betas=(profile.beta1, profile.beta2))  # fmt: skip
     bf16 = gpu and not args.no_bf16
@@ -380,6 +384,12 @@ def main() -> None:
         help="override gradient checkpointing (GPU default on, CPU off)",
     )
     parser.add_argument("--no-bf16", action="store_true")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each block (flex backend, GPU): what fusing the elementwise work "
+        "around the matmuls gains over eager",
+    )
     parser.add_argument("--quiet-threshold", type=float, default=0.15,
                         help="CPU: before each configuration wait until other processes use "
                              "less than this share of the CPUs")  # fmt: skip
@@ -399,6 +409,9 @@ def main() -> None:
     if bool(args.dataset) != bool(args.vocab):
         parser.error("--dataset and --vocab go together")
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.compile and dev.type != "cuda":
+        parser.error("--compile needs the flex backend, on a GPU (the dense backend's per-document "
+                     "loop would be recompiled for every batch)")  # fmt: skip
     kind = "cuda" if dev.type == "cuda" else "cpu"
     for key, value in DEFAULTS[kind].items():
         if getattr(args, key.replace("-", "_"), None) is None:
@@ -546,6 +559,7 @@ def main() -> None:
     print(goal["note_on_issue_figures"])
 
     name = args.name or ("train" if kind == "cpu" else f"train-{_slug(device_name)}")
+    name += "-compiled" if args.compile and not args.name else ""
     path = write_result(name, {
         "benchmark": "train",
         "device": kind,
@@ -556,7 +570,8 @@ def main() -> None:
         "dataset": {"path": str(dataset_path), "prepare_s": prepare_s,
                     "train_pieces": data["train"].num_rows, "vocab_size": vocab_size},
         "settings": {"sizes": args.sizes, "seq_len": args.seq_len, "batch_sizes": batch_sizes,
-                     "warmup": args.warmup, "steps": args.steps, "threads": thread_list},
+                     "warmup": args.warmup, "steps": args.steps, "threads": thread_list,
+                     "compiled_blocks": args.compile},
         "method": {
             "step": "forward_loss (incl. build_masks) + backward + clip_grad_norm_ + AdamW.step "
                     "+ zero_grad + float(loss), as the trainer's inner loop; eval, checkpoints "

@@ -425,22 +425,22 @@ def flex_masks(rules: AttentionRules, summaries: Stream, regular: Stream) -> tup
     table = _compiled(_visibility)(rules, summaries.cat(regular))
     n_summaries, n_regular = summaries.doc.shape[1], regular.doc.shape[1]
     return (
-        FlexMask(_block_mask(table, 0, n_summaries), _summarize_flex),
-        FlexMask(_block_mask(table, n_summaries, n_regular), _update_flex),
+        FlexMask(_block_mask(table, 0, n_summaries), _compiled(_summarize_flex)),
+        FlexMask(_block_mask(table, n_summaries, n_regular), _compiled(_update_flex)),
     )
 
 
 @dataclass
 class FlexMask:
     """The flex backend's mask for one phase: a block mask over the concatenated (summary,
-    regular) keys and the phase's own attention function."""
+    regular) keys and the phase's own compiled attention function."""
 
     block_mask: BlockMask
     kernel: Callable
 
     def attend(self, q: torch.Tensor, keys: tuple, values: tuple) -> torch.Tensor:
         k, v = torch.cat(keys, 2), torch.cat(values, 2)
-        return _compiled(self.kernel)(q, k, v, self.block_mask, q.shape[1] != k.shape[1])
+        return self.kernel(q, k, v, self.block_mask, q.shape[1] != k.shape[1])
 
 
 @dataclass
