@@ -42,8 +42,9 @@ class AttentionRules:
     Regular → regular (RR): same document, causal, and either the key's bar is within
     ``fine_bar_offsets`` of the query's bar, or (``same_instrument_all_bars``) the key has the
     query's instrument; between note tokens, ``type_rules`` (query type → visible key types) and
-    ``duration_sees_own_onset_group`` further restrict. Global keys (instrument 129), the query's
-    own onset group and the token itself are always visible. Regular → summary (RS): summaries of
+    ``duration_sees_own_onset_group`` further restrict. Global keys (instrument 129: bar, chord,
+    tempo, time signature) are always visible when ``global_keys_always_visible``, else under the
+    bar rules like any key; the query's own onset group and the token itself always are. Regular → summary (RS): summaries of
     earlier bars of the document (only those outside the fine offsets when
     ``summaries_beyond_fine_bars_only``). Summary → summary (SS): earlier summaries when
     ``summary_sees_earlier_summaries``, and itself. Summary → regular (SR): its own bar's
@@ -58,6 +59,7 @@ class AttentionRules:
         (VELOCITY, (VELOCITY,)),
     )
     duration_sees_own_onset_group: bool = True
+    global_keys_always_visible: bool = True
     summaries_beyond_fine_bars_only: bool = False
     summary_sees_earlier_summaries: bool = True
 
@@ -78,6 +80,7 @@ MUSEFORMER_RULES = AttentionRules(
     same_instrument_all_bars=False,
     type_rules=(),
     duration_sees_own_onset_group=False,
+    global_keys_always_visible=False,
     summaries_beyond_fine_bars_only=True,
     summary_sees_earlier_summaries=False,
 )
@@ -266,7 +269,8 @@ def visible(rules: AttentionRules, q: Stream, k: Stream) -> torch.Tensor:
     type_ok = type_ok | ~notes
     same_group = (q.onset_group == k.onset_group) & (q.onset_group >= 0)
     key_global = k.instrument == GLOBAL_INSTRUMENT
-    rr = (k.pos <= q.pos) & ((bar_ok & type_ok) | key_global | same_group)
+    always = same_group | key_global if rules.global_keys_always_visible else same_group
+    rr = (k.pos <= q.pos) & ((bar_ok & type_ok) | always)
 
     # regular → summary of an earlier bar
     rs = offset > 0
