@@ -46,7 +46,7 @@ data=()
 for s in "${stages[@]}"; do
     case $s in
     tests)
-        stage tests 150 "$py" -m pytest tests/test_gpu.py -v -x -p no:cacheprovider
+        stage tests 200 "$py" -m pytest tests/test_gpu.py -v -x -p no:cacheprovider
         ;;
     attention)
         # the large model's dims (12 heads): the GPU profiles train it, and at 4 heads one 8k

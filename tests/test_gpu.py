@@ -75,6 +75,25 @@ def test_flex_matches_dense_forward_and_backward(packed):
         torch.testing.assert_close(p_f.grad, p_d.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
+def test_compiled_blocks_give_the_eager_loss_and_gradients(packed):
+    """What ``benchmarks/train.py --compile`` measures must be the same training step."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(3)
+    config = model_config("tiny", V, backend="flex", gradient_checkpointing=True)
+    eager = MeloFormer(config).to(DEVICE).train()
+    compiled = MeloFormer(config).to(DEVICE).train()
+    compiled.load_state_dict(eager.state_dict())
+    for block in compiled.blocks:
+        block.compile(dynamic=False)
+    loss_e, _ = _loss(eager, packed)
+    loss_c, _ = _loss(compiled, packed)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+    loss_e.backward()
+    loss_c.backward()
+    for (name, p_e), p_c in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
 def test_bf16_flex_training_with_checkpointing_learns(packed):
     torch.manual_seed(1)
     config = model_config("tiny", V, backend="flex", gradient_checkpointing=True)
