@@ -24,12 +24,16 @@ def _leaves(data: dict, prefix: str = "", depth: int = 0):
 
 
 def _machine(data: dict) -> str:
+    """The accelerator a GPU benchmark ran on (its ``device_name``), then the host."""
+    accelerator = [data["device_name"]] if data.get("device", "cpu") != "cpu" else []
     machine = data.get("machine") or {}
     if isinstance(machine, dict):
-        return ", ".join(
+        host = [
             f"{v}" for k, v in machine.items() if k in ("cpu", "device", "gpu", "cores_available")
-        )
-    return str(machine)
+        ]
+    else:
+        host = [str(machine)]
+    return ", ".join(accelerator + host)
 
 
 def benchmark_rows(results_dir: Path) -> list[tuple[str, str, str, str]]:

@@ -73,3 +73,12 @@ def test_benchmark_report_tables_every_result(tmp_path):
     for path in RESULTS_DIR.glob("*.json"):
         assert f"| {path.stem} |" in text
     assert "chain_vs_miditok" in text
+
+
+def test_benchmark_report_names_the_gpu_a_result_ran_on():
+    from assets.reports import _machine
+
+    host = {"cpu": "AMD EPYC", "cores_available": 16, "python": "3.12.3"}
+    gpu = {"device": "cuda", "device_name": "NVIDIA H200", "machine": host}
+    assert _machine(gpu) == "NVIDIA H200, AMD EPYC, 16"
+    assert _machine({"device": "cpu", "device_name": "AMD EPYC", "machine": host}) == "AMD EPYC, 16"
