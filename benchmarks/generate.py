@@ -25,6 +25,9 @@ depend on sampling.
   seed 0), ``bars`` large so only ``--gen-tokens`` ends it (EOS as soon as the grammar allows
   it after the budget). Tokens/s = generated + prompt tokens / wall time; one cProfile'd run
   (1 thread, first size) says where a generated token's time goes.
+* ``generate_batch()``: the same with ``--batch`` pieces side by side (seeds 0, 1, ...): a
+  decoding step reads the weights once for all of them. Tokens/s over all pieces, and the
+  ratio to ``generate()``.
 
 Threads: per-token decode steps are latency-bound; with other work on a small machine the
 default (one thread per core) can suffer from OpenMP contention, so every measurement is made
@@ -62,6 +65,7 @@ from meloformer_model.generation import (  # noqa: E402
     SamplingConfig,
     _sample,
     generate,
+    generate_batch,
     prompt_from_scratch,
 )
 from meloformer_model.model import (  # noqa: E402
@@ -110,7 +114,7 @@ def kv_cache_pass(model, arrays, stride: int) -> dict:
     with LoadMeter() as meter:
         start = time.perf_counter()
         for i, token in enumerate(ids):
-            out = decoder.step(token, side[0][i], side[1][i], side[2][i], side[3][i])
+            out = decoder.step([token], *([column[i]] for column in side))[0]
             if i in keep:
                 logits[i + 1] = out.clone()
             if (i + 1) % stride == 0:
@@ -170,6 +174,19 @@ def generate_pass(model, tokenizer, n_tokens: int, seed: int = 0) -> dict:
             "tokens_per_s": len(ids) / wall, "load": meter.result}  # fmt: skip
 
 
+def batch_pass(model, tokenizer, n_tokens: int, batch: int) -> dict:
+    """``generate_batch``: ``batch`` pieces from the same prompt side by side (seeds 0..)."""
+    prompt = prompt_from_scratch(tokenizer)
+    config = SamplingConfig(max_tokens=n_tokens, bars=100_000)
+    with LoadMeter() as meter:
+        start = time.perf_counter()
+        pieces = generate_batch(model, tokenizer, [prompt] * batch, config)
+        wall = time.perf_counter() - start
+    tokens = sum(len(ids) for ids in pieces)
+    return {"pieces": batch, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "load": meter.result}  # fmt: skip
+
+
 def profile_generate(model, tokenizer, n_tokens: int) -> dict:
     prompt = prompt_from_scratch(tokenizer)
     config = SamplingConfig(max_tokens=n_tokens, bars=100_000, seed=0)
@@ -215,6 +232,7 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="best of, per recomputed t")
     parser.add_argument("--gen-tokens", type=int, default=600)
+    parser.add_argument("--batch", type=int, default=16, help="pieces for generate_batch")
     parser.add_argument("--threads", type=int, nargs="+", default=None,
                         help="thread counts (default: torch's default, then 1)")  # fmt: skip
     parser.add_argument("--no-profile", action="store_true")
@@ -264,17 +282,24 @@ def main() -> None:
             print(f"  generate(): {gen['tokens']} tokens ({gen['bars']} bars) in "
                   f"{gen['wall_s']:.1f} s, "
                   f"{gen['tokens_per_s']:,.0f} tok/s", flush=True)  # fmt: skip
+            batch = batch_pass(model, tokenizer, args.gen_tokens, args.batch)
+            batch_gain = batch["tokens_per_s"] / gen["tokens_per_s"]
+            print(f"  generate_batch(): {args.batch} pieces, {batch['tokens']} tokens in "
+                  f"{batch['wall_s']:.1f} s, {batch['tokens_per_s']:,.0f} tok/s "
+                  f"({batch_gain:.1f}x one piece)", flush=True)  # fmt: skip
             del kv["logits"]
             speedup = rec["total_s"] / kv["total_s"]
             marginal = rec["step_s_at_length"] / kv["last_block_step_s"]
             results[key] = {"size": size, "parameters": params, "threads": torch.get_num_threads(),
                             "kv_cache": kv, "recompute": rec, "generate": gen,
+                            "generate_batch": batch, "batch_vs_one_piece": batch_gain,
                             "speedup_at_length": speedup, "marginal_speedup_at_length": marginal,
                             "goal_met": speedup >= GOAL_SPEEDUP, "quiet": quiet}  # fmt: skip
             rows.append([key, kv["tokens_per_s"], rec["tokens_per_s"], f"{speedup:.1f}x",
                          f"{marginal:.0f}x", kv["last_block_step_s"] * 1e3,
                          rec["step_s_at_length"] * 1e3, f"{rec['mask_build_share']:.0%}",
-                         gen["tokens_per_s"], f"{rec['max_abs_diff_vs_kv_cache']:.1e}",
+                         gen["tokens_per_s"], batch["tokens_per_s"], f"{batch_gain:.1f}x",
+                         f"{rec['max_abs_diff_vs_kv_cache']:.1e}",
                          f"{kv['load']['load_1min_before']:.1f}/"
                          f"{kv['load']['other_cpu_share']:.0%}"])  # fmt: skip
         if profile is None and not args.no_profile:
@@ -288,7 +313,8 @@ def main() -> None:
           f"{args.stride}th position)")  # fmt: skip
     print_table(["model/threads", "kv tok/s", "recompute tok/s", "speed-up", "marginal @T",
                  "kv ms/step @T", "recompute ms/step @T", "recompute mask share",
-                 "generate() tok/s", "max |diff|", "load/other CPU"], rows)  # fmt: skip
+                 "generate() tok/s", f"batch of {args.batch} tok/s", "batch gain",
+                 "max |diff|", "load/other CPU"], rows)  # fmt: skip
     all_met = all(r["goal_met"] for r in results.values())
     print(
         f"goal: KV cache >= {GOAL_SPEEDUP:.0f}x recomputation at {args.length} tokens -> "
@@ -309,6 +335,7 @@ def main() -> None:
         "default_threads": default_threads,
         "settings": {"sizes": args.sizes, "length": args.length, "stride": args.stride,
                      "repeats": args.repeats, "gen_tokens": args.gen_tokens,
+                     "batch": args.batch,
                      "threads": thread_list, "init": "random (seed 0), eval, fp32"},
         "sequence": {k: v for k, v in seq.items() if k != "arrays"},
         "method": {
@@ -321,6 +348,8 @@ def main() -> None:
             "marginal": "c(T) / kv-cache mean step over the last stride positions",
             "generate": "generate() from prompt_from_scratch, sampling (temperature 1), grammar, "
                         "KV cache; tokens = prompt + generated; wall time",
+            "generate_batch": "the same, --batch pieces side by side (seeds 0..batch-1); "
+                              "tokens of all pieces / wall time",
         },
         "results": results,
         "goal": {"speedup": GOAL_SPEEDUP, "length": args.length, "met": all_met},

@@ -185,7 +185,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from meloformer_model.generation import (
         SamplingConfig,
-        generate,
+        generate_batch,
         prompt_from_midi,
         prompt_from_scratch,
         write_outputs,
@@ -213,10 +213,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
         bars=args.bars,
         seed=args.seed,
     )
-    ids = generate(model, tokenizer, prompt, sampling, args.instruments)
-    score = write_outputs(tokenizer, ids, Path(args.output), args.piano_roll)
-    notes, tracks = score.note_num(), len(score.tracks)
-    print(f"{len(ids)} tokens, {notes} notes in {tracks} tracks -> {args.output}")
+    if args.samples < 1:
+        raise CliError(f"--samples {args.samples}: at least one piece")
+    pieces = generate_batch(model, tokenizer, [prompt] * args.samples, sampling, args.instruments)
+    out = Path(args.output)
+    for i, ids in enumerate(pieces, 1):
+        path = out if args.samples == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        score = write_outputs(tokenizer, ids, path, args.piano_roll)
+        notes, tracks = score.note_num(), len(score.tracks)
+        print(f"{len(ids)} tokens, {notes} notes in {tracks} tracks -> {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample a piece from a trained checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (step-NNNNNNN)")
     p.add_argument("-o", "--output", required=True, help="MIDI file to write")
+    p.add_argument("--samples", type=int, default=1, help="pieces sampled side by side (seeds "
+                   "SEED, SEED+1, ...), written as OUT-1.mid ... OUT-N.mid")  # fmt: skip
     p.add_argument("--prompt", help="MIDI file to continue (default: start from scratch)")
     p.add_argument("--prompt-bars", type=int, help="use only the first N bars of the prompt")
     p.add_argument("--bars", type=int, default=16, help="bars to generate")

@@ -8,6 +8,7 @@ tokenizer's own ``side_information`` — the same rules the model was trained wi
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,35 +178,73 @@ def generate(
     instruments: list[int] | None = None,
 ) -> np.ndarray:
     """Continue ``prompt`` by ``config.bars`` bars (or until ``max_tokens``); returns all ids."""
+    return generate_batch(model, tokenizer, [prompt], config, instruments)[0]
+
+
+@torch.no_grad()
+def generate_batch(
+    model: MeloFormer,
+    tokenizer: HIDTokenizer,
+    prompts: list[list[int]],
+    config: SamplingConfig = SamplingConfig(),
+    instruments: list[int] | None = None,
+) -> list[np.ndarray]:
+    """Continue each prompt as ``generate`` does, side by side in one batch (a decoding step
+    reads the weights once for all of them): piece i samples with seed ``config.seed + i``."""
     model.eval()
-    decoder = IncrementalDecoder(model)
-    grammar = Grammar(tokenizer, instruments)
-    gen = torch.Generator().manual_seed(config.seed)
-    ids: list[int] = []
-    logits = None
-    for token in prompt:
-        logits = _feed(decoder, tokenizer, grammar, ids, token)
-    prompt_bars = grammar.state.bars
-    target_bars = prompt_bars + config.bars
+    decoder = IncrementalDecoder(model, len(prompts))
+    pieces = [_Piece(tokenizer, instruments, config.seed + i) for i in range(len(prompts))]
     eos = tokenizer.vocab["EOS"]
-    while True:
-        over_budget = len(ids) >= config.max_tokens
-        allowed = grammar.allowed(0 if over_budget else target_bars - grammar.state.bars)
+    logits = None
+    for t in itertools.count():
+        tokens = [
+            prompt[t] if t < len(prompt) else piece.choose(logits[i], config, eos)
+            for i, (piece, prompt) in enumerate(zip(pieces, prompts))
+        ]
+        if all(piece.done for piece in pieces):
+            return [np.asarray(piece.ids, dtype=np.int64) for piece in pieces]
+        logits = decoder.step(*zip(*(piece.feed(token) for piece, token in zip(pieces, tokens))))
+
+
+class _Piece:
+    """One sequence being generated: its ids, grammar, random generator and bar target."""
+
+    def __init__(self, tokenizer: HIDTokenizer, instruments: list[int] | None, seed: int):
+        self.tokenizer = tokenizer
+        self.grammar = Grammar(tokenizer, instruments)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.ids: list[int] = []
+        self.target_bars: int | None = None
+        self.done = False
+        self.row: tuple[int, ...] = ()
+
+    def choose(self, logits: torch.Tensor, config: SamplingConfig, eos: int) -> int:
+        """The next token (EOS ends the piece); a finished piece chooses nothing more."""
+        if self.done:
+            return eos
+        if self.target_bars is None:  # the prompt is in: count the bars to add from here
+            self.target_bars = self.grammar.state.bars + config.bars
+        over_budget = len(self.ids) >= config.max_tokens
+        bars_left = 0 if over_budget else self.target_bars - self.grammar.state.bars
+        allowed = self.grammar.allowed(bars_left)
         if over_budget and eos in allowed:
             allowed = np.array([eos])
-        token = _sample(logits, allowed, config, gen)
+        token = _sample(logits, allowed, config, self.gen)
         if token == eos:
-            ids.append(token)
-            return np.asarray(ids, dtype=np.int64)
-        logits = _feed(decoder, tokenizer, grammar, ids, token)
+            self.ids.append(token)
+            self.done = True
+        return token
 
-
-def _feed(decoder, tokenizer, grammar, ids: list[int], token: int) -> torch.Tensor:
-    ids.append(token)
-    grammar.advance(token)
-    side = tokenizer.side_information(np.asarray(ids))
-    return decoder.step(token, int(side.bar[-1]), int(side.instrument[-1]),
+    def feed(self, token: int) -> tuple[int, ...]:
+        """The decoder's input for ``token``: it and its side information from the tokenizer's
+        own rules. A finished piece repeats its last input, whose output nobody reads."""
+        if not self.done:
+            self.ids.append(token)
+            self.grammar.advance(token)
+            side = self.tokenizer.side_information(np.asarray(self.ids))
+            self.row = (token, int(side.bar[-1]), int(side.instrument[-1]),
                         int(side.token_type[-1]), int(side.onset_group[-1]))  # fmt: skip
+        return self.row
 
 
 def write_outputs(tokenizer: HIDTokenizer, ids: np.ndarray, out: Path, piano_roll: bool = False):

@@ -44,11 +44,11 @@ class AttentionRules:
     query's instrument; between note tokens, ``type_rules`` (query type → visible key types) and
     ``duration_sees_own_onset_group`` further restrict. Global keys (instrument 129: bar, chord,
     tempo, time signature) are always visible when ``global_keys_always_visible``, else under the
-    bar rules like any key; the query's own onset group and the token itself always are. Regular → summary (RS): summaries of
-    earlier bars of the document (only those outside the fine offsets when
-    ``summaries_beyond_fine_bars_only``). Summary → summary (SS): earlier summaries when
-    ``summary_sees_earlier_summaries``, and itself. Summary → regular (SR): its own bar's
-    non-global tokens.
+    bar rules like any key; the query's own onset group and the token itself always are.
+    Regular → summary (RS): summaries of earlier bars of the document (only those outside the
+    fine offsets when ``summaries_beyond_fine_bars_only``). Summary → summary (SS): earlier
+    summaries when ``summary_sees_earlier_summaries``, and itself. Summary → regular (SR): its
+    own bar's non-global tokens.
     """
 
     fine_bar_offsets: tuple[int, ...] = (0, 1, 2, 4)
@@ -637,39 +637,50 @@ def _decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 
 
 class IncrementalDecoder:
-    """KV-cache decoding of one sequence: the same logits as a full forward pass.
+    """KV-cache decoding of ``batch`` sequences side by side: the same logits as a full forward
+    pass of each (decoding is bound by reading the weights, which a batch reads once per step).
 
     Keys are cached in arrival order, summaries interleaved with regular tokens (attention does
     not care about key order as long as the mask follows it). Per layer there are two caches:
     the keys summaries read (regular + first-stage summary keys) and the keys regular tokens
     read (regular + second-stage summary keys). When the first token of bar b arrives, the
-    summaries of the bars before it are computed through all layers and appended.
+    summaries of the bars before it are computed through all layers and appended; a sequence
+    with fewer bars to summarize in that step gets a placeholder key (document -1) that none of
+    its tokens can see, so all caches stay one length.
     """
 
-    def __init__(self, model: MeloFormer):
+    def __init__(self, model: MeloFormer, batch: int = 1):
         self.model = model
         n = model.config.n_layer
         self.summarize_k = [_Growing(2) for _ in range(n)]
         self.summarize_v = [_Growing(2) for _ in range(n)]
         self.update_k = [_Growing(2) for _ in range(n)]
         self.update_v = [_Growing(2) for _ in range(n)]
-        self.attrs = _Growing(1)
-        self.summarized = -1
-        self.last_bar = -1
-        self.pos = 0
+        self.attrs = _Growing(2)
+        self.summarized = [-1] * batch
+        self.last_bar = [-1] * batch
+        self.pos = [0] * batch
 
-    def _add(self, row: tuple[int, ...]) -> tuple[Stream, torch.Tensor]:
-        """Append a key's side information; return its query stream and its mask row."""
+    def _add(self, rows: list[tuple[int, ...]]) -> tuple[Stream, torch.Tensor]:
+        """Append one key's side information per sequence; return the query stream (B, 1) and
+        the mask rows (B, 1, L)."""
         device = self.model.embed.weight.device
-        keys = self.attrs.append(torch.tensor(row, device=device).view(7, 1))
-        query = _stream(keys[:, -1:])
+        keys = self.attrs.append(torch.tensor(rows, device=device).unsqueeze(2))
+        query = _stream(keys[:, :, -1:])
         mask = visible(self.model.config.rules, query.expand(2), _stream(keys).expand(1))
         return query, mask
 
-    def _summarize(self, bar: int) -> None:
+    def _summarize(self, bars: list[int | None]) -> None:
+        """Summaries of ``bars`` (one per sequence; None: a placeholder) through all layers."""
         model = self.model
-        query, mask = self._add((0, bar, GLOBAL_INSTRUMENT, 0, -1, self.pos - 1, 1))
-        h = model.summary_embed.view(1, 1, -1)
+        rows = [
+            (0, bar, GLOBAL_INSTRUMENT, 0, -1, pos - 1, 1)
+            if bar is not None
+            else (-1, -1, GLOBAL_INSTRUMENT, 0, -1, -1, 1)
+            for bar, pos in zip(bars, self.pos)
+        ]
+        query, mask = self._add(rows)
+        h = model.summary_embed.expand(len(bars), 1, -1)
         for i, block in enumerate(model.blocks):
             q, k, v = block.qkv(block.norm_attn(h), query.pos)
             ks, vs = self.summarize_k[i].append(k), self.summarize_v[i].append(v)
@@ -679,18 +690,30 @@ class IncrementalDecoder:
             self.update_v[i].append(v2)
             h = h + block.ffn(block.norm_ffn(h))
 
+    def _summaries_due(self, bars: list[int]) -> None:
+        due = []
+        for b, bar in enumerate(bars):
+            todo = []
+            if bar > self.last_bar[b] >= 0:
+                todo = list(range(self.summarized[b] + 1, bar))
+                self.summarized[b] = bar - 1
+            self.last_bar[b] = max(self.last_bar[b], bar)
+            due.append(todo)
+        for r in range(max(map(len, due))):
+            self._summarize([todo[r] if r < len(todo) else None for todo in due])
+
     @torch.no_grad()
-    def step(self, token: int, bar: int, instrument: int, token_type: int, onset_group: int):
-        """Feed one token with its side information; return its next-token logits (V,)."""
+    def step(self, tokens, bars, instruments, token_types, onset_groups) -> torch.Tensor:
+        """Feed one token per sequence with its side information (each argument: B ints);
+        return the next-token logits (B, V)."""
         model = self.model
-        if bar > self.last_bar >= 0:
-            for done in range(self.summarized + 1, bar):
-                self._summarize(done)
-            self.summarized = bar - 1
-        self.last_bar = max(self.last_bar, bar)
-        query, mask = self._add((0, bar, instrument, token_type, onset_group, self.pos, 0))
-        self.pos += 1
-        h = model.embed(torch.tensor([[token]], device=model.embed.weight.device))
+        bars = [int(bar) for bar in bars]
+        self._summaries_due(bars)
+        rows = list(zip([0] * len(bars), bars, instruments, token_types, onset_groups, self.pos))
+        query, mask = self._add([(*row, 0) for row in rows])
+        self.pos = [pos + 1 for pos in self.pos]
+        ids = torch.tensor(list(tokens), device=model.embed.weight.device).view(-1, 1)
+        h = model.embed(ids)
         for i, block in enumerate(model.blocks):
             q, k, v = block.qkv(block.norm_attn(h), query.pos)
             self.summarize_k[i].append(k)
@@ -698,10 +721,9 @@ class IncrementalDecoder:
             ks, vs = self.update_k[i].append(k), self.update_v[i].append(v)
             h = h + block.wo(block._merge(_decode_attend(q, ks, vs, mask)))
             h = h + block.ffn(block.norm_ffn(h))
-        return F.linear(model.norm(h), model.embed.weight)[0, 0]
+        return F.linear(model.norm(h), model.embed.weight)[:, 0]
 
 
 def _stream(t: torch.Tensor) -> Stream:
-    """Side information rows (7, L) as a one-sample stream."""
-    t = t.unsqueeze(1)
-    return Stream(t[0], t[1], t[2], t[3], t[4], t[5], t[6].bool())
+    """Side information rows (B, 7, L) as a stream."""
+    return Stream(t[:, 0], t[:, 1], t[:, 2], t[:, 3], t[:, 4], t[:, 5], t[:, 6].bool())

@@ -15,8 +15,10 @@ from meloformer_model.generation import (
     Grammar,
     SamplingConfig,
     generate,
+    generate_batch,
     prompt_from_midi,
     prompt_from_scratch,
+    write_outputs,
 )
 from meloformer_model.tokenizer.hid import HIDTokenizer
 from meloformer_model.training.checkpoint import load_model, tokenizer_config
@@ -87,6 +89,26 @@ def test_continuation_keeps_the_prompt(checkpoint, sample_files):
     assert int(tokenizer.side_information(ids).bar.max()) <= 3
 
 
+def test_a_batch_generates_the_pieces_one_by_one_would(checkpoint, sample_files):
+    """Prompts of different lengths side by side, ending at different steps: piece i is the
+    piece ``generate`` gives alone with seed + i."""
+    model, configs = load_model(checkpoint)
+    tokenizer = HIDTokenizer(tokenizer_config(configs))
+    prompts = [
+        prompt_from_midi(tokenizer, sample_files[3], bars=2),
+        prompt_from_scratch(tokenizer, 100.0, (4, 4)),
+        prompt_from_midi(tokenizer, sample_files[7], bars=1),
+    ]
+    config = SamplingConfig(bars=2, max_tokens=300, top_k=20, seed=5)
+    batch = generate_batch(model, tokenizer, prompts, config)
+    alone = [
+        generate(model, tokenizer, prompt, replace(config, seed=config.seed + i))
+        for i, prompt in enumerate(prompts)
+    ]
+    assert [ids.tolist() for ids in batch] == [ids.tolist() for ids in alone]
+    assert len({len(ids) for ids in batch}) > 1  # they ended at different steps
+
+
 def test_metrics_on_a_known_piece(sample_files):
     score = Score(str(sample_files[0]))
     p = metrics.piece(TOK, score)
@@ -145,3 +167,20 @@ def test_cli_generate(checkpoint, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert Score(str(out)).note_num() >= 0 and out.with_suffix(".png").exists()
+
+
+def test_cli_generates_several_samples_side_by_side(checkpoint, tmp_path):
+    out = tmp_path / "piece.mid"
+    args = ["--checkpoint", str(checkpoint), "-o", str(out), "--bars", "1", "--max-tokens", "120"]
+    command = [sys.executable, "-m", "meloformer_model.cli", "generate", *args, "--samples", "3"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    paths = [tmp_path / f"piece-{i}.mid" for i in (1, 2, 3)]
+    assert sorted(tmp_path.iterdir()) == paths
+    assert [line.split("-> ")[1] for line in proc.stdout.splitlines()] == [str(p) for p in paths]
+    model, configs = load_model(checkpoint)
+    tokenizer = HIDTokenizer(tokenizer_config(configs))
+    config = SamplingConfig(bars=1, max_tokens=120, seed=2)  # the third sample's seed
+    third = generate(model, tokenizer, prompt_from_scratch(tokenizer), config)
+    write_outputs(tokenizer, third, tmp_path / "alone" / "third.mid")
+    assert paths[2].read_bytes() == (tmp_path / "alone" / "third.mid").read_bytes()

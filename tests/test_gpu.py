@@ -121,5 +121,5 @@ def test_kv_cache_decoding_equals_full_forward_on_gpu(packed):
     _, full = _loss(model, one)
     decoder = IncrementalDecoder(model)
     for i in range(n):
-        step = decoder.step(*(int(one[name][0, i]) for name in FIELDS))
-        torch.testing.assert_close(step, full[0, i], rtol=1e-4, atol=1e-4)
+        step = decoder.step(*([int(one[name][0, i])] for name in FIELDS))
+        torch.testing.assert_close(step[0], full[0, i], rtol=1e-4, atol=1e-4)

@@ -264,13 +264,30 @@ def test_kv_cache_decoding_equals_full_forward(rules_model, pieces):
     ids, *side = tensors(seq, length)
     full = forward(model, ids, *side)[0]
     decoder = IncrementalDecoder(model)
-    steps = [
-        decoder.step(int(seq.ids[i]), int(seq.bar[i]), int(seq.instrument[i]),
-                     int(seq.token_type[i]), int(seq.onset_group[i]))
-        for i in range(length)
-    ]  # fmt: skip
-    torch.testing.assert_close(torch.stack(steps), full, rtol=1e-4, atol=1e-4)
+    steps = [decoder.step(*([int(a[i])] for a in _fields(seq))) for i in range(length)]
+    torch.testing.assert_close(torch.cat(steps), full, rtol=1e-4, atol=1e-4)
     assert int(seq.bar[length - 1]) >= 5  # several summaries were computed on the way
+
+
+def _fields(seq):
+    return seq.ids, seq.bar, seq.instrument, seq.token_type, seq.onset_group
+
+
+def test_batched_kv_cache_decoding_equals_each_full_forward(model, pieces):
+    """Two pieces decoded side by side: their bars end at different steps, so each step adds a
+    summary to one sequence and a placeholder to the other; each still gets its own logits."""
+    seqs, length = pieces[1:3], 360
+    decoder = IncrementalDecoder(model, batch=2)
+    steps = [
+        decoder.step(*([int(a[i]) for a in column] for column in zip(*map(_fields, seqs))))
+        for i in range(length)
+    ]
+    got = torch.stack(steps, 1)
+    for b, seq in enumerate(seqs):
+        full = forward(model, *tensors(seq, length))[0]
+        torch.testing.assert_close(got[b], full, rtol=1e-4, atol=1e-4)
+    bar_ends = [set(np.flatnonzero(np.diff(np.asarray(seq.bar[:length])))) for seq in seqs]
+    assert bar_ends[0] != bar_ends[1]
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(pieces):

@@ -19,7 +19,7 @@ from meloformer_model.atomic import write_bytes_atomic
 from meloformer_model.data.midi_io import write_midi
 from meloformer_model.evaluation import metrics
 from meloformer_model.evaluation.plots import save_comparison, save_loss_curve
-from meloformer_model.generation import SamplingConfig, generate
+from meloformer_model.generation import SamplingConfig, generate_batch
 from meloformer_model.model import build_masks, regular_stream
 from meloformer_model.tokenizer.hid import HIDTokenizer
 from meloformer_model.tokenizer.vocab import FAMILIES, Vocabulary
@@ -101,15 +101,17 @@ def evaluate_checkpoint(
     )
     held_out = data["test"] if len(data["test"]) else data["valid"]
     real_scores, gen_scores, figures, samples = [], [], [], []
-    for i in range(min(pieces, len(held_out))):
-        row = held_out[i]
-        ids = np.asarray(row["ids"])
-        bar = np.asarray(row["bar"])
+    rows = [held_out[i] for i in range(min(pieces, len(held_out)))]
+    prompts, reals = [], []
+    for row in rows:
+        ids, bar = np.asarray(row["ids"]), np.asarray(row["bar"])
         cut = int(np.searchsorted(bar, prompt_bars, side="left"))
         end = int(np.searchsorted(bar, prompt_bars + bars, side="left"))
-        real_ids = np.append(ids[:end], tokenizer.vocab["EOS"])
-        config = SamplingConfig(**{**sampling.__dict__, "bars": bars, "seed": sampling.seed + i})
-        generated = generate(model, tokenizer, ids[:cut].tolist(), config)
+        prompts.append(ids[:cut].tolist())
+        reals.append(np.append(ids[:end], tokenizer.vocab["EOS"]))
+    config = SamplingConfig(**{**sampling.__dict__, "bars": bars})  # piece i: seed + i
+    continuations = generate_batch(model, tokenizer, prompts, config)
+    for i, (row, real_ids, generated) in enumerate(zip(rows, reals, continuations)):
         real_score, gen_score = tokenizer.decode_score(real_ids), tokenizer.decode_score(generated)
         real_scores.append(real_score)
         gen_scores.append(gen_score)
