@@ -346,7 +346,8 @@ def test_flex_compiles_once_per_shape(pieces):
 
 
 def test_flex_backend_agrees_with_dense(pieces):
-    """Block mask vs dense mask block by block, then compiled flex forward vs dense forward."""
+    """Flex's mask_mod vs the dense mask entry by entry, block mask vs dense mask block by
+    block, then compiled flex forward vs dense forward."""
     torch.manual_seed(5)
     model = MeloFormer(model_config("tiny", V)).eval()
     ids, *side = tensors(pieces[1], 384)
@@ -359,6 +360,9 @@ def test_flex_backend_agrees_with_dense(pieces):
     for queries, phase in ((flex.summary, flex.summarize), (regular, flex.update)):
         block_mask = phase.block_mask
         dense_mask_ = dense_mask(model.config.rules, queries, keys)
+        q_idx, kv_idx = torch.arange(queries.doc.shape[1])[:, None], torch.arange(keys.doc.shape[1])
+        entries = block_mask.mask_mod(torch.tensor(0), torch.tensor(0), q_idx, kv_idx[None])
+        assert torch.equal(entries, dense_mask_[0, 0])
         q_blocks, k_blocks = block_mask.to_dense().shape[-2:]
         size = block_mask.BLOCK_SIZE
         pad_k = k_blocks * size[1] - dense_mask_.shape[-1]
