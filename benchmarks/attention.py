@@ -600,7 +600,10 @@ def child_model(spec: dict) -> dict:
     result = measure(
         lambda: step(ids, targets, masks), device, memory, spec["repeats"], spec["budget_s"]
     )
-    info["saved_tensors"] = saved_tensor_breakdown(model, ids, targets, masks, bf16, device)
+    try:
+        info["saved_tensors"] = saved_tensor_breakdown(model, ids, targets, masks, bf16, device)
+    except Exception as error:  # informative only: saved-tensor hooks around compiled code
+        info["saved_tensors_error"] = short_error(error)
     grads = 4 * n_params  # fp32 gradients, allocated during backward
     growth = result["peak_bytes"]
     info |= {
