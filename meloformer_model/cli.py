@@ -192,6 +192,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )
     from meloformer_model.training.checkpoint import load_model, tokenizer_config
 
+    if args.samples < 1:
+        raise CliError(f"--samples {args.samples}: ask for at least one piece")
     try:
         model, configs = load_model(Path(args.checkpoint))
     except (OSError, KeyError, ValueError) as exc:
@@ -213,8 +215,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
         bars=args.bars,
         seed=args.seed,
     )
-    if args.samples < 1:
-        raise CliError(f"--samples {args.samples}: at least one piece")
     pieces = generate_batch(model, tokenizer, [prompt] * args.samples, sampling, args.instruments)
     out = Path(args.output)
     for i, ids in enumerate(pieces, 1):

@@ -184,3 +184,12 @@ def test_cli_generates_several_samples_side_by_side(checkpoint, tmp_path):
     third = generate(model, tokenizer, prompt_from_scratch(tokenizer), config)
     write_outputs(tokenizer, third, tmp_path / "alone" / "third.mid")
     assert paths[2].read_bytes() == (tmp_path / "alone" / "third.mid").read_bytes()
+
+
+def test_cli_refuses_zero_samples(tmp_path, capsys):
+    from meloformer_model.cli import main
+
+    out = tmp_path / "none.mid"
+    assert main(["generate", "--checkpoint", str(tmp_path), "-o", str(out), "--samples", "0"]) == 1
+    assert "--samples 0: ask for at least one piece" in capsys.readouterr().err
+    assert not out.exists()
