@@ -74,6 +74,7 @@ from common import machine, print_table, write_result  # noqa: E402
 
 from meloformer_model.model import (  # noqa: E402
     MeloFormer,
+    backend_for,
     build_masks,
     dense_mask,
     expected_parameters,
@@ -228,7 +229,7 @@ def bench_size(size: str, args, data, vocab_size: int, dev: torch.device, batch_
     gpu = dev.type == "cuda"
     profile = PROFILES["h100"]
     checkpointing = profile.gradient_checkpointing if gpu else False
-    config = model_config(size, vocab_size, backend="flex" if gpu else "dense",
+    config = model_config(size, vocab_size, backend=backend_for(dev),
                           gradient_checkpointing=checkpointing)  # fmt: skip
     if args.checkpointing is not None:
         config = replace(config, gradient_checkpointing=args.checkpointing)

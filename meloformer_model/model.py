@@ -131,6 +131,12 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 }
 
 
+def backend_for(device: str | torch.device) -> str:
+    """The attention backend a device runs: flex on CUDA, dense elsewhere (CPU flex has no
+    backward). A runtime choice: a checkpoint trained on one runs with the other."""
+    return "flex" if torch.device(device).type == "cuda" else "dense"
+
+
 def model_config(size: str, vocab_size: int, **overrides) -> ModelConfig:
     return ModelConfig(vocab_size=vocab_size, **{**MODEL_SIZES[size], **overrides})
 

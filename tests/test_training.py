@@ -118,6 +118,15 @@ def test_checkpoints_are_safetensors_and_json_and_rebuild_the_model(prepared, tm
     assert state["step"] == 6 and len(state["history"]) == 6
     assert best_checkpoint(tmp_path) in (tmp_path / "step-0000003", tmp_path / "step-0000006")
     assert len(list(tmp_path.glob("step-*"))) <= 3
+    # as a GPU run writes it: the flex backend; on a CPU it loads dense, with the same weights
+    config = json.loads((result.checkpoint / "config.json").read_text())
+    config["model"]["backend"] = "flex"
+    (result.checkpoint / "config.json").write_text(json.dumps(config))
+    gpu_trained, configs = load_model(result.checkpoint, "cpu")
+    assert configs["model"]["backend"] == "flex" and gpu_trained.config.backend == "dense"
+    assert gpu_trained.config == model.config
+    for (name, a), b in zip(model.state_dict().items(), gpu_trained.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_a_finished_run_is_returned_as_it_was_not_trained_again(prepared, tmp_path):

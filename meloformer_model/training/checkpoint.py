@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from meloformer_model.model import MeloFormer, ModelConfig
+from meloformer_model.model import MeloFormer, ModelConfig, backend_for
 from meloformer_model.tokenizer.config import TokenizerConfig
 
 BEST = "best.json"
@@ -61,10 +62,13 @@ def save_checkpoint(
 
 
 def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[MeloFormer, dict]:
-    """Rebuild the model from a checkpoint's own config; return it with all stored configs."""
+    """Rebuild the model from a checkpoint's own config, with the attention backend of
+    ``device`` (a model trained on a GPU runs dense on a CPU); return it with all stored
+    configs."""
     folder = Path(folder)
     configs = read_configs(folder)
-    model = MeloFormer(ModelConfig.from_dict(configs["model"]))
+    config = ModelConfig.from_dict(configs["model"])
+    model = MeloFormer(replace(config, backend=backend_for(device)))
     model.load_state_dict(load_file(folder / "model.safetensors", device=str(device)))
     return model.to(device), configs
 

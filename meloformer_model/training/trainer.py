@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from meloformer_model.atomic import write_bytes_atomic
 from meloformer_model.model import (
     MeloFormer,
+    backend_for,
     build_masks,
     expected_parameters,
     model_config,
@@ -263,8 +264,8 @@ def train(
     valid_loader = PackedLoader(data["valid"], config.batch_size, config.seq_len, shuffle=False,
                                 rank=rank, world=world)  # fmt: skip
     overrides = {"n_kv_head": config.n_kv_head} if config.n_kv_head else {}
-    model_cfg = model_config(config.size, len(vocab), backend="flex" if dev.type == "cuda"
-                             else "dense", gradient_checkpointing=config.gradient_checkpointing,
+    model_cfg = model_config(config.size, len(vocab), backend=backend_for(dev),
+                             gradient_checkpointing=config.gradient_checkpointing,
                              **overrides)  # fmt: skip
     model = MeloFormer(model_cfg).to(dev)
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
