@@ -24,7 +24,12 @@ from assets.corpus import (
     vocabulary,
 )
 from assets.partitions import midi_shards
-from assets.training import evaluation_report, trained_model, training_run_dir
+from assets.training import (
+    TRAINING_CODE_VERSION,
+    evaluation_report,
+    trained_model,
+    training_run_dir,
+)
 from meloformer_model.data.dataset import plan_dataset
 from meloformer_model.data.dataset_checks import CHECK_NAMES
 from meloformer_model.data.shards import (
@@ -120,7 +125,7 @@ def current_training(
     """Whether ``training_job`` would change nothing on this dataset version: its training run
     finished with the current config (``trained_model`` would only reuse it), the partition's
     latest ``trained_model`` materialization reports that run's checkpoint, and an
-    ``evaluation_report`` came after that materialization."""
+    ``evaluation_report`` came after that materialization, both from the current code."""
     from meloformer_model.training.trainer import completed_run  # torch: not with the definitions
 
     version = dataset.name
@@ -136,7 +141,12 @@ def current_training(
         checkpoint is not None
         and checkpoint.value == done["checkpoint"]
         and report.storage_id > model.storage_id
+        and all(_code_version(r) == TRAINING_CODE_VERSION for r in (model, report))
     )
+
+
+def _code_version(record: dg.EventLogRecord) -> str | None:
+    return record.asset_materialization.tags.get("dagster/code_version")
 
 
 def _latest(

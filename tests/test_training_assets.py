@@ -13,6 +13,7 @@ from assets import checks
 from assets.corpus import arrow_dataset, chord_annotations, filtered_midi, hid_tokens, vocabulary
 from assets.training import dataset_path, evaluation_report, trained_model, training_run_dir
 from meloformer_model.training import trainer
+from pipelines import refresh
 from pipelines.refresh import current_training, plan_refresh
 from pipelines.resources import CorpusStorage, TrainingSettings
 
@@ -112,6 +113,9 @@ def test_a_finished_training_is_reused_and_make_run_skips_it(checked):
     assert not current_training(storage, instance, settings, dataset)  # not evaluated yet
     assert _train(storage, instance, version, settings, (evaluation_report,)).success
     assert current_training(storage, instance, settings, dataset)  # make run: nothing to do
+    with pytest.MonkeyPatch.context() as patch:  # new training/evaluation code: evaluate again
+        patch.setattr(refresh, "TRAINING_CODE_VERSION", "next")
+        assert not current_training(storage, instance, settings, dataset)
     files = {p: p.stat().st_mtime_ns for p in run_dir.glob("step-*/*")}
     again = _metadata(_train(storage, instance, version, settings))
     assert {p: p.stat().st_mtime_ns for p in run_dir.glob("step-*/*")} == files
