@@ -104,6 +104,7 @@ def trained_model(
     pipes: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
     # torch and the training stack load only when a training runs, not with the definitions
+    from meloformer_model.training.checkpoint import read_configs
     from meloformer_model.training.trainer import completed_run, train, unigram_loss
 
     require_checks_passed(context)
@@ -140,7 +141,10 @@ def trained_model(
         result = json.loads(reported["result"].value)
     else:
         result = train(data, vocab, run_dir, config, log=context.log.info).figures()
-    metadata = _metadata(result, run_dir, training.profile, config.to_dict(), unigram_loss(vocab))
+    # a reused run reports the config it trained with (its eval and checkpoint settings may
+    # differ from the ones asked for now)
+    trained = read_configs(Path(result["checkpoint"]))["train"] if reused else config.to_dict()
+    metadata = _metadata(result, run_dir, training.profile, trained, unigram_loss(vocab))
     metadata["reused_completed_run"] = reused
     metadata["dataset"] = dg.MetadataValue.path(str(data))
     return dg.MaterializeResult(metadata=metadata)

@@ -128,6 +128,18 @@ def test_a_finished_training_is_reused_and_make_run_skips_it(checked):
     assert trained["tokens_per_second"] > 0 and trained["checkpoint"] != first["checkpoint"]
 
 
+def test_a_reused_run_reports_the_config_it_trained_with(checked, monkeypatch):
+    storage, instance, version = checked
+    settings = TrainingSettings(max_steps=2)
+    shutil.rmtree(storage.root / "trained_model", ignore_errors=True)
+    first = _metadata(_train(storage, instance, version, settings))
+    cpu = trainer.PROFILES["cpu"]
+    monkeypatch.setitem(trainer.PROFILES, "cpu", replace(cpu, eval_every=cpu.eval_every + 1))
+    again = _metadata(_train(storage, instance, version, settings))
+    assert again["reused_completed_run"] and again["checkpoint"] == first["checkpoint"]
+    assert again["config"] == first["config"] and again["config"]["eval_every"] == cpu.eval_every
+
+
 def test_a_changed_config_is_a_new_run_beside_the_old_one(checked, monkeypatch):
     storage, instance, version = checked
     settings = TrainingSettings(max_steps=2)
