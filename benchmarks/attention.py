@@ -896,8 +896,10 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--size", default="small", choices=list(mm.MODEL_SIZES))
-    parser.add_argument("--lengths", type=int, nargs="+")
-    parser.add_argument("--model-lengths", type=int, nargs="+")
+    parser.add_argument("--lengths", type=int, nargs="*", help="attention lengths (none: skip)")
+    parser.add_argument(
+        "--model-lengths", type=int, nargs="*", help="train-step lengths (none: skip)"
+    )
     parser.add_argument(
         "--flex-lengths",
         type=int,
@@ -928,6 +930,7 @@ def main() -> None:
         help="before each measurement, wait up to this long for other processes to go idle",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", help="result file name without .json (default: by device)")
     args = parser.parse_args()
     if args.child:
         child_main(args.child)
@@ -1460,7 +1463,7 @@ def report(
         f"measurements (mean {sum(loads) / len(loads):.0%}); total {total_s:.0f}s"
     )
 
-    name = (
+    name = args.name or (
         "attention"
         if kind == "cpu"
         else "attention-" + re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")

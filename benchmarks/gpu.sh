@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with a CUDA device and little time on it: the GPU
-# tests, the attention benchmark at 8k and 16k tokens, the training benchmark (large, then
-# small, at 8192 tokens) and, as stage "compiled", the large model with compiled blocks. Each
-# stage runs under its own time limit, most important first, and its log and result JSON land
-# in OUT_DIR as soon as it ends, so a run cut short keeps what it finished. Exit status: the number of stages that failed.
+# tests, one layer's attention at 8k and 16k tokens, the training benchmark (large, then small,
+# at 8192 tokens), the large model's train step with and without checkpointing at 8k ("model"),
+# and the large model with compiled blocks ("compiled"). Each stage runs under its own time
+# limit, most important first, and its log and result JSON land in OUT_DIR as soon as it ends,
+# so a run cut short keeps what it finished. Exit status: the number of stages that failed.
 #
-#   benchmarks/gpu.sh OUT_DIR [STAGE ...]    stages: tests attention train compiled (default: all)
+#   benchmarks/gpu.sh OUT_DIR [STAGE ...]    tests attention train model compiled (default: all)
 #
 # PYTHON (default python3) runs everything. DATASET and VOCAB name a prepared Arrow dataset
 # version folder and its vocab.json for the training benchmark; without them it prepares the
 # sample corpus, which needs the corpus stack (polars) as well as the training dependencies.
 set -u
-out=${1:?usage: benchmarks/gpu.sh OUT_DIR [tests|attention|train|compiled ...]}
+out=${1:?usage: benchmarks/gpu.sh OUT_DIR [tests|attention|train|model|compiled ...]}
 shift
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(tests attention train compiled)
+[ ${#stages[@]} -gt 0 ] || stages=(tests attention train model compiled)
 py=${PYTHON:-python3}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -40,6 +41,7 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run, log, collect the result files i
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$py" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, torch.cuda.get_device_name())'
+gpu=$("$py" -c 'import re, torch; print(re.sub("[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"))')
 
 data=()
 [ -n "${DATASET:-}" ] && data=(--dataset "$DATASET" --vocab "$VOCAB")
@@ -51,9 +53,14 @@ for s in "${stages[@]}"; do
     attention)
         # the large model's dims (12 heads): the GPU profiles train it, and at 4 heads one 8k
         # row is so little work that launch and Python overheads would dominate the ratios
-        stage attention 270 "$py" benchmarks/attention.py --device cuda --size large \
-            --lengths 8192 16384 --flex-lengths 8192 16384 --model-lengths 8192 \
-            --budget-s 3 --max-run-s 20 --wait-idle-s 0
+        stage attention 240 "$py" benchmarks/attention.py --device cuda --size large \
+            --lengths 8192 16384 --flex-lengths 8192 16384 --model-lengths \
+            --budget-s 3 --max-run-s 20 --wait-idle-s 0 --name "attention-$gpu"
+        ;;
+    model)
+        stage model 240 "$py" benchmarks/attention.py --device cuda --size large \
+            --lengths --model-lengths 8192 --budget-s 3 --wait-idle-s 0 \
+            --name "attention-model-$gpu"
         ;;
     train)
         stage train 270 "$py" benchmarks/train.py --device cuda --sizes large small \
@@ -64,7 +71,7 @@ for s in "${stages[@]}"; do
             --warmup 3 --steps 10 "${data[@]}"
         ;;
     *)
-        echo "unknown stage: $s (tests, attention, train, compiled)" >&2
+        echo "unknown stage: $s (tests, attention, train, model, compiled)" >&2
         failed=$((failed + 1))
         ;;
     esac
