@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with a CUDA device and little time on it: the GPU
-# tests, one layer's attention at 8k and 16k tokens, the training benchmark (large, then small,
-# at 8192 tokens), the large model's train step with and without checkpointing at 8k ("model"),
-# and the large model with compiled blocks ("compiled"). Each stage runs under its own time
-# limit, most important first, and its log and result JSON land in OUT_DIR as soon as it ends,
-# so a run cut short keeps what it finished. Exit status: the number of stages that failed.
+# tests, one layer's attention at 8k tokens, the training benchmark (large, then small, at 8192
+# tokens), the large model's train step with and without checkpointing at 8k ("model"), the
+# large model with compiled blocks ("compiled") and attention at 16k and 32k ("long"). Each
+# stage runs under its own time limit, most important first, and its log and result JSON land in
+# OUT_DIR as soon as it ends, so a run cut short keeps what it finished. Exit status: the number
+# of stages that failed.
 #
-#   benchmarks/gpu.sh OUT_DIR [STAGE ...]    tests attention train model compiled (default: all)
+#   benchmarks/gpu.sh OUT_DIR [STAGE ...]   tests attention train model compiled long (default: all)
 #
 # PYTHON (default python3) runs everything. DATASET and VOCAB name a prepared Arrow dataset
 # version folder and its vocab.json for the training benchmark; without them it prepares the
 # sample corpus, which needs the corpus stack (polars) as well as the training dependencies.
 set -u
-out=${1:?usage: benchmarks/gpu.sh OUT_DIR [tests|attention|train|model|compiled ...]}
+out=${1:?usage: benchmarks/gpu.sh OUT_DIR [tests|attention|train|model|compiled|long ...]}
 shift
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(tests attention train model compiled)
+[ ${#stages[@]} -gt 0 ] || stages=(tests attention train model compiled long)
 py=${PYTHON:-python3}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -54,8 +55,13 @@ for s in "${stages[@]}"; do
         # the large model's dims (12 heads): the GPU profiles train it, and at 4 heads one 8k
         # row is so little work that launch and Python overheads would dominate the ratios
         stage attention 240 "$py" benchmarks/attention.py --device cuda --size large \
-            --lengths 8192 16384 --flex-lengths 8192 16384 --model-lengths \
+            --lengths 8192 --flex-lengths 8192 --model-lengths \
             --budget-s 3 --max-run-s 20 --wait-idle-s 0 --name "attention-$gpu"
+        ;;
+    long)
+        stage long 240 "$py" benchmarks/attention.py --device cuda --size large \
+            --lengths 16384 32768 --flex-lengths 16384 32768 --model-lengths \
+            --budget-s 3 --max-run-s 20 --wait-idle-s 0 --name "attention-long-$gpu"
         ;;
     model)
         stage model 240 "$py" benchmarks/attention.py --device cuda --size large \
@@ -71,7 +77,7 @@ for s in "${stages[@]}"; do
             --warmup 3 --steps 10 "${data[@]}"
         ;;
     *)
-        echo "unknown stage: $s (tests, attention, train, model, compiled)" >&2
+        echo "unknown stage: $s (tests, attention, train, model, compiled, long)" >&2
         failed=$((failed + 1))
         ;;
     esac
