@@ -697,6 +697,7 @@ class IncrementalDecoder:
             h = h + block.ffn(block.norm_ffn(h))
 
     def _summaries_due(self, bars: list[int]) -> None:
+        """Summarize each sequence's bars finished before its new token's bar, in rounds."""
         due = []
         for b, bar in enumerate(bars):
             todo = []
@@ -715,8 +716,8 @@ class IncrementalDecoder:
         model = self.model
         bars = [int(bar) for bar in bars]
         self._summaries_due(bars)
-        rows = list(zip([0] * len(bars), bars, instruments, token_types, onset_groups, self.pos))
-        query, mask = self._add([(*row, 0) for row in rows])
+        rows = zip(bars, instruments, token_types, onset_groups, self.pos)
+        query, mask = self._add([(0, *row, 0) for row in rows])  # document 0, not a summary
         self.pos = [pos + 1 for pos in self.pos]
         ids = torch.tensor(list(tokens), device=model.embed.weight.device).view(-1, 1)
         h = model.embed(ids)
