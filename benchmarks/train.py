@@ -71,6 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets  # noqa: E402
 import torch  # noqa: E402
 from common import machine, print_table, write_result  # noqa: E402
+from step_profile import attention_comparison, kernel_profile  # noqa: E402
 
 from meloformer_model.model import (  # noqa: E402
     MeloFormer,
@@ -294,6 +295,14 @@ def bench_size(size: str, args, data, vocab_size: int, dev: torch.device, batch_
             print(f"    step {len(step_s)}: {step_s[-1]:.3f} s, {rate:,.0f} tok/s", flush=True)
     dyn_after = dynamo_stats()
     peak_mem = torch.cuda.max_memory_allocated(dev) if gpu else None
+    kernels = None
+    if args.profile:
+        kernels = kernel_profile(lambda: step(batches[args.warmup]), dev)
+        shape = (batch_size, config.n_head, args.seq_len, config.head_dim)
+        masks = build_masks(config, regular_stream(*batches[args.warmup].to(dev).side))
+        kernels["attention"] = attention_comparison(
+            kernels, config.n_layer, config.gradient_checkpointing, masks, shape, dev
+        )
 
     # mask build alone (it is part of every step: forward_loss builds the masks)
     mask_s = []
@@ -349,6 +358,7 @@ def bench_size(size: str, args, data, vocab_size: int, dev: torch.device, batch_
         "achieved_flops_sparse": tps * fpt["total_sparse"],
         "achieved_flops_causal": tps * fpt["total_causal"],
         "peak_memory_bytes": peak_mem,
+        "kernel_profile": kernels,
         "dynamo_counters_before": dyn_before if gpu else None,
         "dynamo_counters_after": dyn_after if gpu else None,
         "load": meter.result,
@@ -391,6 +401,12 @@ def main() -> None:
         help="torch.compile each block (flex backend, GPU): what fusing the elementwise work "
         "around the matmuls gains over eager",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="GPU: one more step under torch.profiler (device time by kernel family) and the "
+        "attention kernels per layer against flash causal attention at the same batch shape",
+    )
     parser.add_argument("--quiet-threshold", type=float, default=0.15,
                         help="CPU: before each configuration wait until other processes use "
                              "less than this share of the CPUs")  # fmt: skip
@@ -410,6 +426,8 @@ def main() -> None:
     if bool(args.dataset) != bool(args.vocab):
         parser.error("--dataset and --vocab go together")
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.profile and dev.type != "cuda":
+        parser.error("--profile reads CUDA kernel times: it needs a GPU")
     if args.compile and dev.type != "cuda":
         parser.error("--compile needs the flex backend, on a GPU (the dense backend's per-document "
                      "loop would be recompiled for every batch)")  # fmt: skip
@@ -558,6 +576,9 @@ def main() -> None:
           + ("not evaluated here" if goal["met"] is None else
              f"{goal['value_causal']:.1%} -> {'met' if goal['met'] else 'missed'}"))  # fmt: skip
     print(goal["note_on_issue_figures"])
+    for key, r in results.items():
+        if r["kernel_profile"]:
+            _print_kernel_profile(key, r)
 
     name = args.name or ("train" if kind == "cpu" else f"train-{_slug(device_name)}")
     name += "-compiled" if args.compile and not args.name else ""
@@ -592,6 +613,30 @@ def main() -> None:
         "total_s": time.perf_counter() - start_all,
     })  # fmt: skip
     print(f"wrote {path}")
+
+
+def _print_kernel_profile(key: str, r: dict) -> None:
+    prof = r["kernel_profile"]
+    total = prof["kernel_s"]
+    print(f"\n{key}: one step's kernels {total * 1e3:.1f} ms (profiled wall "
+          f"{prof['profiled_wall_s'] * 1e3:.1f} ms; unprofiled median step "
+          f"{r['median_step_s'] * 1e3:.1f} ms; peak memory "
+          f"{(r['peak_memory_bytes'] or 0) / 2**30:.1f} GiB)")  # fmt: skip
+    print_table(
+        ["family", "ms", "share"],
+        [[name, s * 1e3, f"{s / max(total, 1e-12):.0%}"] for name, s in prof["families_s"].items()],
+    )
+    print_table(["kernel", "ms", "calls", "family"],
+                [[k["kernel"][:90], k["s"] * 1e3, k["calls"], k["family"]]
+                 for k in prof["top_kernels"]])  # fmt: skip
+    a = prof["attention"]
+    print(f"attention per layer at {'x'.join(map(str, a['shape_bhtd']))} (B x H x T x D): ours "
+          f"{a['ours_per_layer_s'] * 1e3:.2f} ms (both phases, forward + backward"
+          f"{', forward recomputed' if a['ours_includes_recomputed_forward'] else ''}), flash "
+          f"causal {a['causal_flash_per_layer_s'] * 1e3:.2f} ms: "
+          f"{a['speedup_vs_causal']:.2f}x; each phase alone (events, back to back): "
+          + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in a["phases_alone_s"].items())
+          + f": {a['speedup_vs_causal_phases_alone']:.2f}x")  # fmt: skip
 
 
 def _local(r: dict) -> str:

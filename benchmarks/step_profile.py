@@ -1,0 +1,139 @@
+"""Where a GPU training step's device time goes, and the attention kernels against full causal
+attention at the same batch shape.
+
+One step runs under torch.profiler; its kernels are grouped by family (FlexAttention, matmuls,
+optimizer, the rest) with the top kernels listed. Our attention is then judged by its kernels'
+device time per layer at the training batch (several 8k rows), against flash causal attention
+(SDPA's fastest kernel) forward + backward at the same (batch, heads, length, head dim), timed
+with CUDA events over back-to-back calls. A one-row wall-clock timing at 8k measures Python's
+per-call overhead as much as the kernels on an H100-class GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+Shape = tuple[int, int, int, int]  # (batch, heads, length, head dim)
+ATTENTION = "attention (flex)"
+FAMILIES = (
+    # inductor names FlexAttention's kernels triton_tem_*: without --compile the only templates
+    # in a step are flex's, and matmuls stay cuBLAS calls with --compile (no max-autotune)
+    (ATTENTION, ("flex", "triton_tem")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
+    ("optimizer", ("multi_tensor_apply",)),
+)
+OTHER = "elementwise, reductions, copies"
+
+
+def family(kernel: str) -> str:
+    lowered = kernel.lower()
+    for name, needles in FAMILIES:
+        if any(needle in lowered for needle in needles):
+            return name
+    return OTHER
+
+
+def kernel_profile(step: Callable[[], object], device: torch.device, top: int = 15) -> dict:
+    """Device time of one call of ``step`` by kernel family, and its ``top`` kernels."""
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize(device)
+        wall = time.perf_counter() - start
+    kernels = [
+        (e.key, e.self_device_time_total / 1e6, e.count)
+        for e in prof.key_averages()
+        if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0
+    ]
+    families = {name: 0.0 for name, _ in FAMILIES} | {OTHER: 0.0}
+    for name, seconds, _ in kernels:
+        families[family(name)] += seconds
+    total = sum(families.values())
+    return {
+        "profiled_wall_s": wall,
+        "kernel_s": total,
+        "families_s": families,
+        "top_kernels": [
+            {"kernel": name[:120], "s": seconds, "calls": calls, "family": family(name)}
+            for name, seconds, calls in sorted(kernels, key=lambda k: -k[1])[:top]
+        ],
+    }
+
+
+def _event_s(run: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Mean seconds per call over back-to-back calls, by CUDA events, after one warm-up call."""
+    run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        run()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / 1e3 / repeats
+
+
+def _inputs(shape: Shape, device: torch.device, n: int) -> torch.Tensor:
+    batch, heads, _, head_dim = shape
+    size = (batch, heads, n, head_dim)
+    return torch.randn(size, device=device, dtype=torch.bfloat16, requires_grad=True)
+
+
+def causal_attention_s(shape: Shape, device: torch.device, repeats: int = 10) -> float:
+    """Flash causal attention forward + backward on bf16 (B, H, T, D) inputs."""
+    q, k, v = (_inputs(shape, device, shape[2]) for _ in range(3))
+    grad = torch.randn_like(q)
+
+    def run():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        torch.autograd.grad(out, (q, k, v), grad)
+
+    return _event_s(run, device, repeats)
+
+
+def phase_s(masks, shape: Shape, device: torch.device, repeats: int = 10) -> dict[str, float]:
+    """Each attention phase forward + backward, as ``Block.forward`` calls it, on the batch's
+    own masks (random bf16 queries, keys and values of the layer's shapes)."""
+    n_summary, n_regular = masks.summary.doc.shape[1], shape[2]
+    q_s, k_s, v_s, k2, v2 = (_inputs(shape, device, n_summary) for _ in range(5))
+    q_r, k_r, v_r = (_inputs(shape, device, n_regular) for _ in range(3))
+    phases = {
+        "summarize": (masks.summarize, q_s, (k_s, k_r), (v_s, v_r)),
+        "update": (masks.update, q_r, (k2, k_r), (v2, v_r)),
+    }
+    times = {}
+    for name, (mask, q, keys, values) in phases.items():
+        grad = torch.randn_like(q)
+
+        def run(mask=mask, q=q, keys=keys, values=values, grad=grad):
+            out = mask.attend(q, keys, values)
+            torch.autograd.grad(out, (q, *keys, *values), grad)
+
+        times[name] = _event_s(run, device, repeats)
+    return times
+
+
+def attention_comparison(
+    profiled: dict, n_layer: int, recomputed: bool, masks, shape: Shape, device: torch.device
+) -> dict:
+    """Our attention per layer against flash causal attention at the same shape: from the
+    step's kernels (both phases, forward + backward, plus the forward again when checkpointing
+    recomputes it), and each phase timed alone."""
+    ours = profiled["families_s"][ATTENTION] / n_layer
+    causal = causal_attention_s(shape, device)
+    phases = phase_s(masks, shape, device)
+    return {
+        "shape_bhtd": list(shape),
+        "ours_per_layer_s": ours,
+        "ours_includes_recomputed_forward": recomputed,
+        "phases_alone_s": phases,
+        "causal_flash_per_layer_s": causal,
+        "speedup_vs_causal": causal / ours if ours else None,
+        "speedup_vs_causal_phases_alone": causal / sum(phases.values()),
+    }
