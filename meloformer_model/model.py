@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from meloformer_model.tokenizer.config import GLOBAL_INSTRUMENT
@@ -417,12 +417,43 @@ def _visibility(rules: AttentionRules, tokens: Stream) -> torch.Tensor:
     return visible(rules, tokens.expand(2), tokens.expand(1))
 
 
+FLEX_BLOCK = 128  # FlexAttention's default sparse block: the tile its kernels skip or visit
+
+
+def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, Q tiles, KV tiles) bool -> per query tile the count and the indices of its True
+    tiles, first and in order: BlockMask's (B, 1, ...) int32 layout."""
+    counts = blocks.sum(-1, dtype=torch.int32)
+    order = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True)
+    return counts[:, None], order.to(torch.int32)[:, None]
+
+
 def _block_mask(table: torch.Tensor, first_query: int, n_queries: int) -> BlockMask:
+    """The block mask of the table's rows ``first_query`` on, from one pass over the table:
+    visible entries are counted per tile; a tile with all visible is full (no mask_mod), one
+    with some is partial, as ``create_block_mask`` classifies them. That function would
+    evaluate the mask_mod over every entry again and sum the tiles in int64: most of a GPU
+    step's mask building."""
+
     def mask_mod(b, h, q_idx, kv_idx):
         return table[b, first_query + q_idx, kv_idx]
 
     batch, _, n_keys = table.shape
-    return create_block_mask(mask_mod, batch, None, n_queries, n_keys, device=table.device)
+    rows = table[:, first_query : first_query + n_queries]
+    pad_q, pad_k = -n_queries % FLEX_BLOCK, -n_keys % FLEX_BLOCK
+    if pad_q or pad_k:  # edge tiles are never full, as in create_block_mask
+        rows = F.pad(rows, (0, pad_k, 0, pad_q))
+    q_tiles, k_tiles = rows.shape[1] // FLEX_BLOCK, rows.shape[2] // FLEX_BLOCK
+    tiles = rows.view(batch, q_tiles, FLEX_BLOCK, k_tiles, FLEX_BLOCK)
+    visible = tiles.sum(4, dtype=torch.int16).sum(2, dtype=torch.int16)
+    full = visible == FLEX_BLOCK * FLEX_BLOCK
+    return BlockMask.from_kv_blocks(
+        *_ordered((visible > 0) & ~full),
+        *_ordered(full),
+        BLOCK_SIZE=FLEX_BLOCK,
+        mask_mod=mask_mod,
+        seq_lengths=(n_queries, n_keys),
+    )
 
 
 @torch.no_grad()

@@ -11,10 +11,13 @@ import torch.nn.functional as F
 from meloformer_model.model import (
     MODEL_SIZES,
     MUSEFORMER_RULES,
+    UPSTREAM_RULES,
     AttentionRules,
     IncrementalDecoder,
     MeloFormer,
     ModelConfig,
+    _block_mask,
+    _visibility,
     apply_rope,
     build_masks,
     dense_mask,
@@ -343,6 +346,39 @@ def test_flex_compiles_once_per_shape(pieces):
     compiled = dict(counters["stats"])
     forward(model, *second)
     assert counters["stats"]["unique_graphs"] == compiled["unique_graphs"] > 0
+
+
+def test_block_masks_are_create_block_masks(pieces):
+    """Block masks counted from the visibility table equal create_block_mask's over the same
+    mask_mod, every index tensor: on a packed batch with padding (no length a multiple of the
+    tile) and on a table with full, partial and empty tiles."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    packed = _packed_batch(pieces)
+    summaries = summary_stream(packed)
+    table = _visibility(UPSTREAM_RULES, summaries.cat(packed))
+    generator = torch.Generator().manual_seed(7)
+    synthetic = torch.rand(2, 300, 300, generator=generator) < 0.3
+    synthetic[0, 128:256, :128] = True  # full
+    synthetic[0, :128, 128:256] = True
+    synthetic[0, 5, 130] = False  # all but one entry: partial
+    synthetic[1, :128, 128:256] = False  # empty
+    width = summaries.doc.shape[1]
+    cases = [(table, 0, width), (table, width, packed.doc.shape[1]), (synthetic, 0, 300),
+             (synthetic, 44, 256)]  # fmt: skip
+    fields = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+              "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")  # fmt: skip
+    for grid, first, n in cases:
+        ours = _block_mask(grid, first, n)
+
+        def mask_mod(b, h, q_idx, kv_idx, grid=grid, first=first):
+            return grid[b, first + q_idx, kv_idx]
+
+        reference = create_block_mask(mask_mod, grid.shape[0], None, n, grid.shape[2], "cpu")
+        assert ours.seq_lengths == reference.seq_lengths == (n, grid.shape[2])
+        for name in fields:
+            assert torch.equal(getattr(ours, name), getattr(reference, name)), name
+    assert int(_block_mask(synthetic, 0, 300).full_kv_num_blocks[0, 0, 1]) == 1
 
 
 def test_flex_backend_agrees_with_dense(pieces):
