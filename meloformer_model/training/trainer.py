@@ -313,14 +313,17 @@ def train(
         lr = lr_at(state["step"], config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        total = 0.0
+        # no host sync between micro-batches: the loss adds up on the device and tokens are
+        # counted on the host batch, so the CPU queues the next micro-batch while the GPU works
+        total = torch.zeros((), device=dev)
         for batch in micro:
+            tokens_seen += int((batch.doc >= 0).sum())
             batch = batch.to(dev)
             with autocast():
                 loss, _ = forward_loss(wrapped, batch)
             (loss * world / targets).backward()
-            total += float(loss.detach())
-            tokens_seen += int((batch.doc >= 0).sum())
+            total += loss.detach()
+        total = float(total)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
