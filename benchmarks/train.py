@@ -51,9 +51,10 @@ with the flex backend every new length is a new compiled shape, so on GPU the pe
 the distinct summary widths and torch._dynamo's counters (before/after the timed steps) are kept.
 
 Run: ``.venv/bin/python benchmarks/train.py`` (CPU: tiny and small at 1024 tokens, batch 4);
-on a GPU: ``... --device cuda`` (small and large at 8192 tokens, bf16 + flex + checkpointing as
-``PROFILES["h100"]``), written to ``results/train-<device>.json``; ``--compile`` compiles each
-block as well (``results/train-<device>-compiled.json``).
+on a GPU: ``... --device cuda`` (small and large at 8192 tokens, bf16 + flex as
+``PROFILES["h100"]``: compiled blocks, no checkpointing; ``--compile 0`` / ``--checkpointing 1``
+override), written to ``results/train-<device>.json`` (``--name`` for another name);
+``--profile`` adds one step's kernels by family (``step_profile.py``).
 """
 
 from __future__ import annotations
@@ -248,8 +249,7 @@ def bench_size(size: str, args, data, vocab_size: int, dev: torch.device, batch_
     torch.manual_seed(0)
     model = MeloFormer(config).to(dev).train()
     if args.compile:
-        for block in model.blocks:  # one code object: compiled once per shape for all blocks
-            block.compile(dynamic=False)
+        model.compile_blocks()
     optimizer = torch.optim.AdamW(param_groups(model, profile.weight_decay), lr=profile.lr,
                                   betas=(profile.beta1, profile.beta2))  # fmt: skip
     bf16 = gpu and not args.no_bf16
@@ -397,9 +397,11 @@ def main() -> None:
     parser.add_argument("--no-bf16", action="store_true")
     parser.add_argument(
         "--compile",
-        action="store_true",
-        help="torch.compile each block (flex backend, GPU): what fusing the elementwise work "
-        "around the matmuls gains over eager",
+        type=int,
+        choices=(0, 1),
+        default=None,
+        help="override compiled blocks (flex backend, GPU; default: the h100 profile's on GPU, "
+        "off on CPU)",
     )
     parser.add_argument(
         "--profile",
@@ -431,6 +433,8 @@ def main() -> None:
     if args.compile and dev.type != "cuda":
         parser.error("--compile needs the flex backend, on a GPU (the dense backend's per-document "
                      "loop would be recompiled for every batch)")  # fmt: skip
+    if args.compile is None:
+        args.compile = dev.type == "cuda" and PROFILES["h100"].compile_blocks
     kind = "cuda" if dev.type == "cuda" else "cpu"
     for key, value in DEFAULTS[kind].items():
         if getattr(args, key.replace("-", "_"), None) is None:
@@ -581,7 +585,6 @@ def main() -> None:
             _print_kernel_profile(key, r)
 
     name = args.name or ("train" if kind == "cpu" else f"train-{_slug(device_name)}")
-    name += "-compiled" if args.compile and not args.name else ""
     path = write_result(name, {
         "benchmark": "train",
         "device": kind,

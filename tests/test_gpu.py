@@ -76,15 +76,14 @@ def test_flex_matches_dense_forward_and_backward(packed):
 
 
 def test_compiled_blocks_give_the_eager_loss_and_gradients(packed):
-    """What ``benchmarks/train.py --compile`` measures must be the same training step."""
+    """The GPU profiles train with compiled blocks: it must be the same training step."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(3)
     config = model_config("tiny", V, backend="flex", gradient_checkpointing=True)
     eager = MeloFormer(config).to(DEVICE).train()
     compiled = MeloFormer(config).to(DEVICE).train()
     compiled.load_state_dict(eager.state_dict())
-    for block in compiled.blocks:
-        block.compile(dynamic=False)
+    compiled.compile_blocks()
     loss_e, _ = _loss(eager, packed)
     loss_c, _ = _loss(compiled, packed)
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)

@@ -186,10 +186,20 @@ def test_resuming_another_run_is_refused_and_changes_nothing(prepared, tmp_path)
         assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == files
 
 
+def test_compiled_blocks_are_refused_where_the_dense_backend_trains(prepared, tmp_path):
+    """The GPU profiles compile their blocks; on a CPU the dense backend's per-document loop
+    would recompile for every batch, so the run stops before any step, and writes nothing."""
+    with pytest.raises(ValueError, match="compiled blocks need the flex backend"):
+        train(prepared.dataset.path, prepared.vocab, tmp_path / "run",
+              replace(FAST, compile_blocks=True), device="cpu", log=lambda _: None)  # fmt: skip
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
 def test_the_run_key_names_the_trajectory_not_its_length_or_measurements():
     key = FAST.run_key()
     assert len(key) == 12 and int(key, 16) >= 0
-    measured = replace(FAST, max_steps=600, eval_every=7, checkpoint_every=7, keep_last=9)
+    measured = replace(FAST, max_steps=600, eval_every=7, checkpoint_every=7, keep_last=9,
+                       compile_blocks=True)  # fmt: skip
     assert measured.run_key() == key == replace(FAST).run_key()
     for changed in (replace(FAST, lr=1e-3), replace(FAST, n_kv_head=1), TrainConfig()):
         assert changed.run_key() != key
