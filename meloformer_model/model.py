@@ -220,24 +220,29 @@ def summary_width(needed: int) -> int:
     return max(MIN_SUMMARY_WIDTH, 1 << (needed - 1).bit_length())
 
 
+BAR_KEY = 1 << 20  # (document, bar) -> one sortable key: document * BAR_KEY + bar
+
+
 def summary_stream(regular: Stream) -> Stream:
-    """One summary per (document, bar) present; its position is its bar's last token."""
+    """One summary per (document, bar) present, in (document, bar) order; its position is its
+    bar's last token. All rows at once: the summary count (the padded width) is the only value
+    read back from the device."""
     batch = regular.doc.shape[0]
-    rows = []
-    for b in range(batch):
-        valid = regular.doc[b] >= 0
-        key = regular.doc[b][valid] * (1 << 20) + regular.bar[b][valid]
-        ids, inverse = torch.unique(key, return_inverse=True)
-        last = torch.full((len(ids),), -1, dtype=torch.long, device=key.device)
-        last = last.scatter_reduce(0, inverse, regular.pos[b][valid], reduce="amax")
-        rows.append((ids // (1 << 20), ids % (1 << 20), last))
-    width = summary_width(max(1, max(len(r[0]) for r in rows)))
-    doc = torch.full((batch, width), -1, dtype=regular.doc.dtype, device=regular.doc.device)
-    bar = torch.full_like(doc, -1)
-    pos = torch.zeros_like(doc)
-    for b, (d, br, p) in enumerate(rows):
-        doc[b, : len(d)], bar[b, : len(d)], pos[b, : len(d)] = d, br, p
-    pos = torch.where(doc >= 0, pos, -1 - torch.arange(width, device=doc.device))
+    padding = torch.iinfo(torch.long).max
+    key = torch.where(regular.doc >= 0, regular.doc * BAR_KEY + regular.bar, padding)
+    key, order = torch.sort(key, dim=1, stable=True)
+    real = key != padding
+    first = real.clone()
+    first[:, 1:] &= key[:, 1:] != key[:, :-1]
+    width = summary_width(max(1, int(first.sum(1).max())))
+    slot = torch.where(real, torch.cumsum(first, 1) - 1, width)  # padding -> a spare column
+    spare = torch.full((batch, width + 1), -1, dtype=torch.long, device=key.device)
+    keys = spare.scatter(1, slot, torch.where(real, key, -1))[:, :width]
+    last = spare.scatter_reduce(1, slot, regular.pos.gather(1, order), reduce="amax")[:, :width]
+    present = keys >= 0
+    doc = torch.where(present, keys // BAR_KEY, -1).to(regular.doc.dtype)
+    bar = torch.where(present, keys % BAR_KEY, -1).to(regular.doc.dtype)
+    pos = torch.where(present, last, -1 - torch.arange(width, device=doc.device))
     return Stream(
         doc,
         bar,

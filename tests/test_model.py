@@ -242,6 +242,21 @@ def test_summary_widths_are_powers_of_two(pieces):
     assert int((summaries.doc >= 0).sum()) == bars
 
 
+def test_summaries_are_one_per_document_bar_at_its_last_token():
+    """Row 0: document 0 with bars 3 then 1 (out of order), document 1 with bar 2 twice;
+    row 1: padding only. Summaries come in (document, bar) order, padding after them."""
+    zeros = torch.zeros(2, 4, dtype=torch.long)
+    bar = torch.tensor([[3, 1, 2, 2], [0, 0, 0, 0]])
+    doc = torch.tensor([[0, 0, 1, 1], [-1, -1, -1, -1]])
+    summaries = summary_stream(regular_stream(bar, zeros, zeros, zeros, doc))
+    assert summaries.doc.shape == (2, 64)
+    assert summaries.doc[0, :4].tolist() == [0, 0, 1, -1]
+    assert summaries.bar[0, :4].tolist() == [1, 3, 2, -1]
+    assert summaries.pos[0, :4].tolist() == [1, 0, 1, -4]  # positions restart per document
+    assert (summaries.doc[1] == -1).all() and (summaries.bar[1] == -1).all()
+    assert summaries.pos[1].tolist() == [-1 - i for i in range(64)]  # distinct padding slots
+
+
 def test_rope_is_a_rotation_and_shift_invariant():
     torch.manual_seed(2)
     x = torch.randn(1, 2, 50, 64)
