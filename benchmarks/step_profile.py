@@ -50,10 +50,12 @@ def kernel_profile(step: Callable[[], object], device: torch.device, top: int = 
         step()
         torch.cuda.synchronize(device)
         wall = time.perf_counter() - start
-    kernels = [
+    kernels = [  # annotated ranges (Optimizer.step#AdamW.step) span kernels counted already
         (e.key, e.self_device_time_total / 1e6, e.count)
         for e in prof.key_averages()
-        if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0
+        if e.device_type == DeviceType.CUDA
+        and e.self_device_time_total > 0
+        and not getattr(e, "is_user_annotation", False)
     ]
     families = {name: 0.0 for name, _ in FAMILIES} | {OTHER: 0.0}
     for name, seconds, _ in kernels:
