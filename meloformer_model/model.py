@@ -437,8 +437,8 @@ def _block_mask(table: torch.Tensor, first_query: int, n_queries: int) -> BlockM
     """The block mask of the table's rows ``first_query`` on, from one pass over the table:
     visible entries are counted per tile; a tile with all visible is full (no mask_mod), one
     with some is partial, as ``create_block_mask`` classifies them. That function would
-    evaluate the mask_mod over every entry again and sum the tiles in int64: most of a GPU
-    step's mask building."""
+    evaluate the mask_mod over every entry again and sum the tiles in int64 (on CPU, three
+    quarters of the mask building at 4 x 8192 tokens)."""
 
     def mask_mod(b, h, q_idx, kv_idx):
         return table[b, first_query + q_idx, kv_idx]

@@ -323,8 +323,8 @@ def train(
         lr = lr_at(state["step"], config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # no host sync between micro-batches: the loss adds up on the device and tokens are
-        # counted on the host batch, so the CPU queues the next micro-batch while the GPU works
+        # the loss adds up on the device and tokens are counted on the host batch: between
+        # micro-batches only mask building reads from the device (the summary width, once)
         total = torch.zeros((), device=dev)
         for batch in micro:
             tokens_seen += int((batch.doc >= 0).sum())
