@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from split_summarize import split_block_mask, split_summarize
 from torch.autograd import DeviceType
 from torch.nn.attention.flex_attention import BlockMask
 from torch.profiler import ProfilerActivity, profile
@@ -120,45 +121,87 @@ def _tile_bound_variants(mask: FlexMask) -> dict[str, FlexMask]:
     }  # fmt: skip
 
 
-def phase_s(masks, shape: Shape, device: torch.device, repeats: int = 10) -> dict[str, float]:
+SPLIT_CHUNKS = 8
+SPLIT = f"summarize_split_{SPLIT_CHUNKS}"
+VARIANT_NOTES = {
+    "update_mask_mod_reads_nothing": "update's tiles, a mask_mod reading nothing (wrong attention)",
+    "update_tiles_full": "update's tiles, all marked full: no mask_mod (wrong attention)",
+    SPLIT: f"summarize in {SPLIT_CHUNKS} key chunks merged by log-sum-exp (same attention)",
+}
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.float() - expected.float()).norm() / expected.float().norm())
+
+
+def _split_check(masks, rules, summarize: tuple) -> tuple[dict[str, float], Callable]:
+    """The split summarize and its relative errors against the model's summarize phase."""
+    split_mask = split_block_mask(rules, masks, SPLIT_CHUNKS)
+
+    def split(q, keys, values):
+        return split_summarize(q, keys, values, split_mask, SPLIT_CHUNKS)
+
+    q, (k_s, k_r), (v_s, v_r) = summarize
+    grad = torch.randn_like(q)
+    leaves = (q, k_s, k_r, v_s, v_r)
+    (model_out, *model_grads), (split_out, *split_grads) = (
+        (out, *torch.autograd.grad(out, leaves, grad))
+        for out in (masks.summarize.attend(*summarize), split(*summarize))
+    )
+    errors = {"output": _relative_error(split_out, model_out),
+              "gradients": max(map(_relative_error, split_grads, model_grads))}  # fmt: skip
+    return errors, split
+
+
+def phase_s(
+    masks, rules, shape: Shape, device: torch.device, repeats: int = 10
+) -> tuple[dict[str, float], dict[str, float]]:
     """Each attention phase forward + backward, as ``Block.forward`` calls it, on the batch's
-    own masks (random bf16 queries, keys and values of the layer's shapes); with the flex
-    backend also the update phase's tiles under cheaper masking (``_tile_bound_variants``)."""
+    own masks (random bf16 queries, keys and values of the layer's shapes). With the flex
+    backend also the update phase's tiles under cheaper masking (``_tile_bound_variants``) and
+    the split summarize (``split_summarize``), whose output and gradients are compared with the
+    model's (relative errors, the second dict)."""
     n_summary, n_regular = masks.summary.doc.shape[1], shape[2]
     q_s, k_s, v_s, k2, v2 = (_inputs(shape, device, n_summary) for _ in range(5))
     q_r, k_r, v_r = (_inputs(shape, device, n_regular) for _ in range(3))
+    summarize = (q_s, (k_s, k_r), (v_s, v_r))
     update = (q_r, (k2, k_r), (v2, v_r))
-    phases = {"summarize": (masks.summarize, q_s, (k_s, k_r), (v_s, v_r)),
-              "update": (masks.update, *update)}  # fmt: skip
+    phases = {"summarize": (masks.summarize.attend, *summarize),
+              "update": (masks.update.attend, *update)}  # fmt: skip
+    errors = {}
     if isinstance(masks.update, FlexMask):
         for name, variant in _tile_bound_variants(masks.update).items():
-            phases[name] = (variant, *update)
+            phases[name] = (variant.attend, *update)
+        try:  # an experiment: its failure is reported, the measurements go on
+            errors, split = _split_check(masks, rules, summarize)
+            phases[SPLIT] = (split, *summarize)
+        except Exception as error:  # noqa: BLE001
+            errors = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
     times = {}
-    for name, (mask, q, keys, values) in phases.items():
+    for name, (attend, q, keys, values) in phases.items():
         grad = torch.randn_like(q)
 
-        def run(mask=mask, q=q, keys=keys, values=values, grad=grad):
-            out = mask.attend(q, keys, values)
+        def run(attend=attend, q=q, keys=keys, values=values, grad=grad):
+            out = attend(q, keys, values)
             torch.autograd.grad(out, (q, *keys, *values), grad)
 
         times[name] = _event_s(run, device, repeats)
-    return times
+    return times, errors
 
 
-def attention_comparison(
-    profiled: dict, n_layer: int, recomputed: bool, masks, shape: Shape, device: torch.device
-) -> dict:
+def attention_comparison(profiled: dict, config, masks, shape: Shape, device: torch.device) -> dict:
     """Our attention per layer against flash causal attention at the same shape: from the
     step's kernels (both phases, forward + backward, plus the forward again when checkpointing
     recomputes it), and each phase timed alone."""
-    ours = profiled["families_s"][ATTENTION] / n_layer
+    ours = profiled["families_s"][ATTENTION] / config.n_layer
     causal = causal_attention_s(shape, device)
-    phases = phase_s(masks, shape, device)
+    phases, split_errors = phase_s(masks, config.rules, shape, device)
     return {
         "shape_bhtd": list(shape),
         "ours_per_layer_s": ours,
-        "ours_includes_recomputed_forward": recomputed,
+        "ours_includes_recomputed_forward": config.gradient_checkpointing,
         "phases_alone_s": phases,
+        "split_summarize_relative_error": split_errors,
         "causal_flash_per_layer_s": causal,
         "speedup_vs_causal": causal / ours if ours else None,
         "speedup_vs_causal_phases_alone": causal / (phases["summarize"] + phases["update"]),

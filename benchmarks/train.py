@@ -72,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets  # noqa: E402
 import torch  # noqa: E402
 from common import machine, print_table, write_result  # noqa: E402
-from step_profile import attention_comparison, kernel_profile  # noqa: E402
+from step_profile import VARIANT_NOTES, attention_comparison, kernel_profile  # noqa: E402
 
 from meloformer_model.model import (  # noqa: E402
     MeloFormer,
@@ -301,9 +301,7 @@ def bench_size(size: str, args, data, vocab_size: int, dev: torch.device, batch_
         kernels = kernel_profile(lambda: step(batches[args.warmup]), dev)
         shape = (batch_size, config.n_head, args.seq_len, config.head_dim)
         masks = build_masks(config, regular_stream(*batches[args.warmup].to(dev).side))
-        kernels["attention"] = attention_comparison(
-            kernels, config.n_layer, config.gradient_checkpointing, masks, shape, dev
-        )
+        kernels["attention"] = attention_comparison(kernels, config, masks, shape, dev)
 
     # mask build alone (it is part of every step: forward_loss builds the masks)
     mask_s = []
@@ -643,7 +641,13 @@ def _print_kernel_profile(key: str, r: dict) -> None:
           + f": {a['speedup_vs_causal_phases_alone']:.2f}x")  # fmt: skip
     for name, seconds in a["phases_alone_s"].items():
         if name not in PHASES:
-            print(f"  {name}: {seconds * 1e3:.2f} ms (same tiles, cheaper masking)")
+            print(f"  {name}: {seconds * 1e3:.2f} ms ({VARIANT_NOTES[name]})")
+    errors = a["split_summarize_relative_error"]
+    if "error" in errors:
+        print(f"  split summarize failed: {errors['error']}")
+    elif errors:
+        print(f"  split summarize against the model's: relative error {errors['output']:.1e} "
+              f"(output), {errors['gradients']:.1e} (largest gradient)")  # fmt: skip
 
 
 def _local(r: dict) -> str:

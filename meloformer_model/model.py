@@ -422,6 +422,12 @@ def _visibility(rules: AttentionRules, tokens: Stream) -> torch.Tensor:
     return visible(rules, tokens.expand(2), tokens.expand(1))
 
 
+def visibility_table(rules: AttentionRules, summaries: Stream, regular: Stream) -> torch.Tensor:
+    """(B, S + T, S + T) bool over the (summary, regular) tokens: may token i read token j.
+    One compiled kernel per batch."""
+    return _compiled(_visibility)(rules, summaries.cat(regular))
+
+
 FLEX_BLOCK = 128  # FlexAttention's default sparse block: the tile its kernels skip or visit
 
 
@@ -433,7 +439,7 @@ def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts[:, None], order.to(torch.int32)[:, None]
 
 
-def _block_mask(table: torch.Tensor, first_query: int, n_queries: int) -> BlockMask:
+def table_block_mask(table: torch.Tensor, first_query: int, n_queries: int) -> BlockMask:
     """The block mask of the table's rows ``first_query`` on, from one pass over the table:
     visible entries are counted per tile; a tile with all visible is full (no mask_mod), one
     with some is partial, as ``create_block_mask`` classifies them. That function would
@@ -468,11 +474,11 @@ def flex_masks(rules: AttentionRules, summaries: Stream, regular: Stream) -> tup
     compiled kernel), which both phases' mask_mods read: a partial tile then costs one byte per
     entry, not the predicate's ~70 integer operations per entry, every layer, forward and
     backward. Tiles with nothing visible are skipped as before."""
-    table = _compiled(_visibility)(rules, summaries.cat(regular))
+    table = visibility_table(rules, summaries, regular)
     n_summaries, n_regular = summaries.doc.shape[1], regular.doc.shape[1]
     return (
-        FlexMask(_block_mask(table, 0, n_summaries), _compiled(_summarize_flex)),
-        FlexMask(_block_mask(table, n_summaries, n_regular), _compiled(_update_flex)),
+        FlexMask(table_block_mask(table, 0, n_summaries), _compiled(_summarize_flex)),
+        FlexMask(table_block_mask(table, n_summaries, n_regular), _compiled(_update_flex)),
     )
 
 

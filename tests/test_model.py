@@ -16,8 +16,6 @@ from meloformer_model.model import (
     IncrementalDecoder,
     MeloFormer,
     ModelConfig,
-    _block_mask,
-    _visibility,
     apply_rope,
     build_masks,
     dense_mask,
@@ -26,6 +24,8 @@ from meloformer_model.model import (
     regular_stream,
     summary_stream,
     summary_width,
+    table_block_mask,
+    visibility_table,
 )
 from meloformer_model.tokenizer.config import GLOBAL_INSTRUMENT
 from meloformer_model.tokenizer.hid import HIDTokenizer
@@ -371,7 +371,7 @@ def test_block_masks_are_create_block_masks(pieces):
 
     packed = _packed_batch(pieces)
     summaries = summary_stream(packed)
-    table = _visibility(UPSTREAM_RULES, summaries.cat(packed))
+    table = visibility_table(UPSTREAM_RULES, summaries, packed)
     generator = torch.Generator().manual_seed(7)
     synthetic = torch.rand(2, 300, 300, generator=generator) < 0.3
     synthetic[0, 128:256, :128] = True  # full
@@ -384,7 +384,7 @@ def test_block_masks_are_create_block_masks(pieces):
     fields = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
               "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")  # fmt: skip
     for grid, first, n in cases:
-        ours = _block_mask(grid, first, n)
+        ours = table_block_mask(grid, first, n)
 
         def mask_mod(b, h, q_idx, kv_idx, grid=grid, first=first):
             return grid[b, first + q_idx, kv_idx]
@@ -393,7 +393,7 @@ def test_block_masks_are_create_block_masks(pieces):
         assert ours.seq_lengths == reference.seq_lengths == (n, grid.shape[2])
         for name in fields:
             assert torch.equal(getattr(ours, name), getattr(reference, name)), name
-    assert int(_block_mask(synthetic, 0, 300).full_kv_num_blocks[0, 0, 1]) == 1
+    assert int(table_block_mask(synthetic, 0, 300).full_kv_num_blocks[0, 0, 1]) == 1
 
 
 def test_flex_backend_agrees_with_dense(pieces):
