@@ -3,7 +3,8 @@
 Each step masks the logits to the tokens the grammar allows next (bar structure, meta events,
 instrument order, increasing positions inside the bar, pitch → duration → velocity), samples
 with temperature / top-k / top-p, and derives the new token's side information with the
-tokenizer's own ``side_information`` — the same rules the model was trained with.
+tokenizer's own rules (``IncrementalSideInformation``: ``side_information`` over the current
+bar) — the same rules the model was trained with.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from meloformer_model.data.midi_io import MidiSource, load_score
 from meloformer_model.model import IncrementalDecoder, MeloFormer
 from meloformer_model.tokenizer.config import DRUM_INSTRUMENT, instrument_rank_table
-from meloformer_model.tokenizer.hid import HIDTokenizer
+from meloformer_model.tokenizer.hid import HIDTokenizer, IncrementalSideInformation
 from meloformer_model.tokenizer.vocab import FAMILIES
 
 
@@ -210,8 +211,8 @@ class _Piece:
     """One sequence being generated: its ids, grammar, random generator and bar target."""
 
     def __init__(self, tokenizer: HIDTokenizer, instruments: list[int] | None, seed: int):
-        self.tokenizer = tokenizer
         self.grammar = Grammar(tokenizer, instruments)
+        self.side = IncrementalSideInformation(tokenizer)
         self.gen = torch.Generator().manual_seed(seed)
         self.ids: list[int] = []
         self.target_bars: int | None = None
@@ -241,9 +242,7 @@ class _Piece:
         if not self.done:
             self.ids.append(token)
             self.grammar.advance(token)
-            side = self.tokenizer.side_information(np.asarray(self.ids))
-            self.row = (token, int(side.bar[-1]), int(side.instrument[-1]),
-                        int(side.token_type[-1]), int(side.onset_group[-1]))  # fmt: skip
+            self.row = (token, *self.side.append(token))
         return self.row
 
 

@@ -11,7 +11,7 @@ import pytest
 from symusic import Note, Score, Tempo, TimeSignature, Track
 
 from meloformer_model.tokenizer.config import TokenizerConfig
-from meloformer_model.tokenizer.hid import HIDTokenizer, TokenizeError
+from meloformer_model.tokenizer.hid import HIDTokenizer, IncrementalSideInformation, TokenizeError
 
 TOK = HIDTokenizer()
 CFG = TOK.config
@@ -346,6 +346,22 @@ def test_side_information_is_a_function_of_ids_alone():
     again = TOK.side_information(seq.ids)
     for name, values in seq.arrays().items():
         np.testing.assert_array_equal(values, again.arrays()[name])
+
+
+def test_incremental_side_information_equals_the_whole_sequences(sample_files):
+    """Token by token, as generation asks for it, over real pieces (several instruments,
+    drums, meter and tempo changes) and a sequence with tokens out of the grammar's order."""
+    pieces = [TOK.encode(path).ids for path in sample_files[::60]]
+    v = TOK.vocab
+    odd = [v["BOS"], v.offset("pitch"), v["Bar"], v.offset("instrument") + 5, v.offset("pitch"),
+           v["Bar"], v["Bar"], v.offset("instrument"), v["EOS"], v.offset("pitch")]  # fmt: skip
+    for ids in [*pieces, np.asarray(odd)]:
+        whole = TOK.side_information(ids)
+        incremental = IncrementalSideInformation(TOK)
+        rows = np.array([incremental.append(int(token)) for token in ids])
+        expected = np.stack([whole.bar, whole.instrument, whole.token_type, whole.onset_group], 1)
+        np.testing.assert_array_equal(rows, expected)
+    assert sum(len(ids) for ids in pieces) > 10_000
 
 
 def test_unsupported_time_signature_is_a_named_error():

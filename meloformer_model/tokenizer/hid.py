@@ -38,6 +38,7 @@ _NOTE_FAMILIES = (
     _FAMILY["duration"],
     _FAMILY["velocity"],
 )
+_IS_NOTE_FAMILY = np.isin(np.arange(len(FAMILIES)), _NOTE_FAMILIES)  # by family index
 _OUTPUT_TPQ = 480
 
 
@@ -316,10 +317,17 @@ class HIDTokenizer:
     # ----------------------------------------------------------------- side information
     def side_information(self, ids: np.ndarray) -> TokenSequence:
         """Bar index, instrument id, token type and onset group, from the ids alone."""
+        return self._side_information(ids, 0, 0)[0]
+
+    def _side_information(self, ids: np.ndarray, bars: int, onsets: int
+                          ) -> tuple[TokenSequence, int, int]:  # fmt: skip
+        """``side_information`` of ``ids`` that follow ``bars`` bar tokens and ``onsets`` note
+        onsets (then ``ids`` start with a bar token, which resets the instrument in force),
+        and both counts after ``ids``: the only state that crosses a bar token."""
         ids = np.asarray(ids, dtype=np.int32)
         fam = self.vocab.family_of(ids)
         is_bar = fam == _FAMILY["bar"]
-        bar = np.maximum(np.cumsum(is_bar) - 1, 0).astype(np.int32)
+        bar = np.maximum(np.cumsum(is_bar) + bars - 1, 0).astype(np.int32)
 
         is_inst = fam == _FAMILY["instrument"]
         resets = is_bar | (fam == _FAMILY["special"])
@@ -329,11 +337,12 @@ class HIDTokenizer:
         in_stream = instrument != GLOBAL_INSTRUMENT
 
         note_pos = in_stream & (fam == _FAMILY["position"])
-        group = np.cumsum(note_pos) - 1
-        grouped = in_stream & np.isin(fam, _NOTE_FAMILIES) & (group >= 0)
+        group = np.cumsum(note_pos) + (onsets - 1)
+        grouped = in_stream & _IS_NOTE_FAMILY[fam] & (group >= 0)
         onset_group = np.where(grouped, group, -1).astype(np.int32)
         token_type = self.vocab.token_type_table[ids]
-        return TokenSequence(ids, bar, instrument, token_type, onset_group)
+        sequence = TokenSequence(ids, bar, instrument, token_type, onset_group)
+        return sequence, bars + int(is_bar.sum()), onsets + int(note_pos.sum())
 
     # ----------------------------------------------------------------- decoding
     def decode_score(self, ids: np.ndarray) -> ScoreTick:
@@ -414,3 +423,27 @@ class HIDTokenizer:
     def decode(self, ids: np.ndarray):
         """Tokens to a ``miditoolkit.MidiFile`` (the interop type)."""
         return score_to_miditoolkit(self.decode_score(ids))
+
+
+class IncrementalSideInformation:
+    """The side information of a sequence growing token by token, as ``side_information``
+    gives it for the whole sequence, at the cost of the current bar rather than of the whole
+    sequence (generation asks for it at every token): the rules run over the tokens since the
+    last bar token, with the bar and onset counts before it carried over."""
+
+    def __init__(self, tokenizer: HIDTokenizer):
+        self.tokenizer = tokenizer
+        self.current: list[int] = []  # the tokens since the last bar token, that one included
+        self.bars = self.onsets = 0  # counted before ``current``
+
+    def append(self, token: int) -> tuple[int, int, int, int]:
+        """(bar, instrument, token type, onset group) of ``token``, the sequence's next id."""
+        if self.current and self.tokenizer.vocab.family_of(token) == _FAMILY["bar"]:
+            _, self.bars, self.onsets = self.tokenizer._side_information(
+                self.current, self.bars, self.onsets
+            )
+            self.current = []
+        self.current.append(token)
+        side, _, _ = self.tokenizer._side_information(self.current, self.bars, self.onsets)
+        return (int(side.bar[-1]), int(side.instrument[-1]), int(side.token_type[-1]),
+                int(side.onset_group[-1]))  # fmt: skip
