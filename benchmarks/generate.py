@@ -82,7 +82,7 @@ from meloformer_model.model import (  # noqa: E402
     visible,
 )
 from meloformer_model.paths import SAMPLE_CORPUS_DIR  # noqa: E402
-from meloformer_model.tokenizer.hid import HIDTokenizer  # noqa: E402
+from meloformer_model.tokenizer.hid import HIDTokenizer, IncrementalSideInformation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_ROOT = ROOT / "build" / "bench_data"
@@ -206,7 +206,9 @@ def profile_generate(model, tokenizer, n_tokens: int) -> dict:
         "  apply_rope": apply_rope,
         "  RMSNorm.forward": norm.forward,
         "  SwiGLU.forward": SwiGLU.forward,
-        "tokenizer.side_information (whole prefix per token)": HIDTokenizer.side_information,
+        "IncrementalSideInformation.append (side info, current bar)": (
+            IncrementalSideInformation.append
+        ),
         "Grammar.allowed": Grammar.allowed,
         "Grammar.advance": Grammar.advance,
         "_sample": _sample,
