@@ -16,19 +16,22 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+from torch.nn.attention.flex_attention import flex_attention
 
 from meloformer_model.model import BatchMasks, table_block_mask, visibility_table
 
 
-def _split_flex(q, k, v, block_mask):
-    out, aux = flex_attention(q, k, v, block_mask=block_mask, return_aux=AuxRequest(lse=True))
-    return out, aux.lse
-
-
 @functools.cache
 def _kernel():
-    return torch.compile(_split_flex, dynamic=False)
+    """Compiled flex attention returning the log-sum-exp too. ``AuxRequest`` is imported here
+    (torch 2.9 on), so an older torch fails this experiment alone, where it is reported."""
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    def split_flex(q, k, v, block_mask):
+        out, aux = flex_attention(q, k, v, block_mask=block_mask, return_aux=AuxRequest(lse=True))
+        return out, aux.lse
+
+    return torch.compile(split_flex, dynamic=False)
 
 
 def split_block_mask(rules, masks: BatchMasks, chunks: int):
