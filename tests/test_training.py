@@ -105,6 +105,15 @@ def test_resume_gives_the_same_loss_curve(prepared, tmp_path):
     a = load_file(straight.checkpoint / "model.safetensors")
     b = load_file(resumed.checkpoint / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # throughput counts every session's steps: both runs trained the same tokens
+    tokens = [json.loads((r.checkpoint / "state.json").read_text())["tokens_seen"]
+              for r in (straight, resumed)]  # fmt: skip
+    import datasets
+
+    loader = PackedLoader(datasets.load_from_disk(str(prepared.dataset.path))["train"],
+                          FAST.batch_size, FAST.seq_len, FAST.seed)  # fmt: skip
+    plan = [rows for _, rows in zip(range(FAST.max_steps * FAST.grad_accum), loader.plan(0))]
+    assert tokens == [sum(int((loader.make(rows).doc >= 0).sum()) for rows in plan)] * 2
 
 
 def test_checkpoints_are_safetensors_and_json_and_rebuild_the_model(prepared, tmp_path):

@@ -174,6 +174,9 @@ def evaluate(model, loader: PackedLoader, device, autocast) -> dict:
 
 @dataclass
 class TrainResult:
+    """tokens_per_second and mfu cover every session of the run; peak memory and wall time
+    cover this call's."""
+
     model: MeloFormer
     checkpoint: Path
     best: Path
@@ -287,9 +290,12 @@ def train(
         )
     configs = {"model": model_cfg.to_dict(), "train": config.to_dict(),
                "tokenizer": vocab.config.to_dict(), **run}  # fmt: skip
-    state = {"step": 0, "epoch": 0, "batch": 0, "history": [], "best_loss": None}
+    # tokens and seconds of the training steps (not eval or saving), over every session of
+    # the run, so a resumed run reports the whole run's tokens/s
+    state = {"step": 0, "epoch": 0, "batch": 0, "history": [], "best_loss": None,
+             "tokens_seen": 0, "step_seconds": 0.0}  # fmt: skip
     if existing:
-        state = restore_training(existing[-1], model, optimizer, dev)
+        state = {**state, **restore_training(existing[-1], model, optimizer, dev)}
         log(f"resumed from {existing[-1].name} at step {state['step']}")
     first_step = state["step"]
 
@@ -303,7 +309,6 @@ def train(
     stream = _batches(train_loader, state["epoch"], state["batch"])
     history = state["history"]
     started = time.perf_counter()
-    tokens_seen, step_seconds = 0, 0.0  # tokens/s counts training steps, not eval or saving
     end = min(config.max_steps, stop_at or config.max_steps)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -327,7 +332,7 @@ def train(
         # micro-batches only mask building reads from the device (the summary width, once)
         total = torch.zeros((), device=dev)
         for batch in micro:
-            tokens_seen += int((batch.doc >= 0).sum())
+            state["tokens_seen"] += int((batch.doc >= 0).sum())
             batch = batch.to(dev)
             with autocast():
                 loss, _ = forward_loss(wrapped, batch)
@@ -339,7 +344,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        step_seconds += time.perf_counter() - step_started
+        state["step_seconds"] += time.perf_counter() - step_started
         state["step"] += 1
         record = {"step": state["step"], "loss": total * world / targets, "lr": lr,
                   "grad_norm": grad_norm}  # fmt: skip
@@ -356,7 +361,8 @@ def train(
     wall = time.perf_counter() - started
     if world > 1:
         dist.barrier()  # rank 0's checkpoint is on disk before any rank reports it
-    tokens_per_second = tokens_seen * world / step_seconds if step_seconds else 0.0
+    seconds = state["step_seconds"]
+    tokens_per_second = state["tokens_seen"] * world / seconds if seconds else 0.0
     params = expected_parameters(model_cfg)
     # PaLM-style count: 6 N per token plus causal attention 6 L C T (no recomputation counted)
     per_token = 6 * params + 6 * model_cfg.n_layer * model_cfg.n_embd * config.seq_len
@@ -374,7 +380,7 @@ def train(
         processes=world,
     )  # fmt: skip
     if rank == 0 and state["step"] == config.max_steps and state["step"] > first_step:
-        _save_summary(out_dir, result, config, dataset_path)  # only figures of steps trained here
+        _save_summary(out_dir, result, config, dataset_path)  # not by a call that trained none
     return result
 
 
