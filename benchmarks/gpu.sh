@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with a CUDA device and little time on it: the GPU
 # tests, one layer's attention at 8k tokens, the training benchmark as the h100 profile trains
-# (large, then small, at 8192 tokens, each with its step's kernels by family), the large model's
+# (large, then small, at 8192 tokens, each with its step's kernels by family), the real trainer
+# for a few steps under that profile ("trainer": needs DATASET and VOCAB), the large model's
 # train step with and without checkpointing at 8k ("model"), the large model with eager blocks
 # ("eager": what compiling them gains) and attention at 16k and 32k ("long"). Each
 # stage runs under its own time limit, most important first, and its log and result JSON land in
 # OUT_DIR as soon as it ends, so a run cut short keeps what it finished. Exit status: the number
 # of stages that failed.
 #
-#   benchmarks/gpu.sh OUT_DIR [STAGE ...]   tests attention train model eager long
+#   benchmarks/gpu.sh OUT_DIR [STAGE ...]   tests attention train trainer model eager long
 #                                          (default: all)
 #
 # PYTHON (default python3) runs everything. DATASET and VOCAB name a prepared Arrow dataset
 # version folder and its vocab.json for the training benchmark; without them it prepares the
 # sample corpus, which needs the corpus stack (polars) as well as the training dependencies.
 set -u
-out=${1:?usage: benchmarks/gpu.sh OUT_DIR [tests|attention|train|model|eager|long ...]}
+out=${1:?usage: benchmarks/gpu.sh OUT_DIR [tests|attention|train|trainer|model|eager|long ...]}
 shift
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(tests attention train model eager long)
+[ ${#stages[@]} -gt 0 ] || stages=(tests attention train trainer model eager long)
 py=${PYTHON:-python3}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -75,12 +76,17 @@ for s in "${stages[@]}"; do
         stage train 300 "$py" benchmarks/train.py --device cuda --sizes large small --profile \
             --warmup 3 --steps 10 --name "train-$gpu" "${data[@]}"
         ;;
+    trainer)
+        # the real train() under PROFILES["h100"], a few steps with evaluation and checkpoints
+        stage trainer 240 "$py" benchmarks/profile_run.py --steps 8 --grad-accum 2 \
+            --name "profile-run-$gpu" "${data[@]}"
+        ;;
     eager)
         stage eager 150 "$py" benchmarks/train.py --device cuda --sizes large --compile 0 \
             --checkpointing 0 --profile --warmup 3 --steps 10 --name "train-$gpu-eager" "${data[@]}"
         ;;
     *)
-        echo "unknown stage: $s (tests, attention, train, model, eager, long)" >&2
+        echo "unknown stage: $s (tests, attention, train, trainer, model, eager, long)" >&2
         failed=$((failed + 1))
         ;;
     esac

@@ -1,0 +1,94 @@
+"""A short run of the real trainer under a hardware profile: what a user's first steps give.
+
+``train.py`` times the trainer's inner step alone; this runs ``train()`` itself with a profile
+(``h100`` by default on a GPU, ``cpu`` elsewhere), cut to a few optimizer steps with an
+evaluation and checkpoints inside, on a prepared dataset. It reports the loss, validation
+loss, tokens/s and MFU as the trainer counts them, the peak memory, and torch._dynamo's
+counters once evaluation has run too: with compiled blocks, training and evaluation compile
+their own graphs, and dynamo keeps 8 per code object (``GRAPH_LIMIT``) before running further
+shapes eagerly.
+
+    python benchmarks/profile_run.py --dataset DIR --vocab FILE [--profile h100] [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+from common import machine, print_table, write_result  # noqa: E402
+
+from meloformer_model.tokenizer.vocab import Vocabulary  # noqa: E402
+from meloformer_model.training.trainer import PROFILES, train  # noqa: E402
+
+GRAPH_LIMIT = 8  # torch._dynamo.config.recompile_limit's default
+
+
+def dynamo_counters() -> dict:
+    from torch._dynamo.utils import counters
+
+    return {key: dict(counters[key]) for key in ("stats", "recompiles") if key in counters}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dataset", required=True, help="an Arrow dataset version folder")
+    parser.add_argument("--vocab", required=True, help="its vocab.json")
+    parser.add_argument("--profile", default=None, help="default: h100 on a GPU, else cpu")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps")
+    parser.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step")
+    parser.add_argument("--name", default=None, help="result file name (without .json)")
+    args = parser.parse_args()
+
+    gpu = torch.cuda.is_available()
+    name = args.profile or ("h100" if gpu else "cpu")
+    half = max(1, args.steps // 2)
+    config = replace(PROFILES[name], max_steps=args.steps, warmup_steps=half, eval_every=half,
+                     checkpoint_every=half, grad_accum=args.grad_accum)  # fmt: skip
+    device = torch.cuda.get_device_name() if gpu else machine()["cpu"]
+    print(f"{device}: torch {torch.__version__}; profile {name} cut to {args.steps} steps of "
+          f"{config.grad_accum} x {config.batch_size} x {config.seq_len} tokens")  # fmt: skip
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="profile-run-") as out:
+        result = train(Path(args.dataset), Vocabulary.load(args.vocab), Path(out), config)
+        saved = sorted(p.name for p in Path(out).glob("step-*"))
+    counters = dynamo_counters()
+    graphs = counters.get("stats", {}).get("unique_graphs", 0)
+    history = result.history
+    rows = [[h["step"], f"{h['loss']:.4f}", f"{h['val_loss']:.4f}" if "val_loss" in h else "-"]
+            for h in history]  # fmt: skip
+    print_table(["step", "loss", "val loss"], rows)
+    print(f"tokens/s {result.tokens_per_second:,.0f}; MFU {result.mfu:.1%}; peak memory "
+          f"{result.peak_memory_bytes / 2**30:.1f} GiB; wall {result.wall_seconds:.0f} s "
+          f"(compilation included); checkpoints {saved}")  # fmt: skip
+    print(f"dynamo: {graphs} graphs in all (limit {GRAPH_LIMIT} per code object); recompiles "
+          f"{counters.get('recompiles', {})}")  # fmt: skip
+    path = write_result(args.name or f"profile-run-{name}", {
+        "benchmark": "profile_run",
+        "device_name": device,
+        "machine": machine(),
+        "torch": torch.__version__,
+        "profile": name,
+        "train_config": config.to_dict(),
+        "history": history,
+        "tokens_per_second": result.tokens_per_second,
+        "mfu": result.mfu,
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "wall_seconds": result.wall_seconds,
+        "checkpoints": saved,
+        "dynamo_counters": counters,
+        "total_s": time.perf_counter() - started,
+    })  # fmt: skip
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
