@@ -67,3 +67,13 @@ def write_result(name: str, payload: dict) -> Path:
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def dynamo_stats() -> dict:
+    """torch._dynamo's graph and recompile counters so far (informative: {} if unreadable)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return {k: dict(v) for k, v in counters.items() if k in ("stats", "recompiles")}
+    except Exception:  # pragma: no cover - informative only
+        return {}

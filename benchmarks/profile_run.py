@@ -5,7 +5,7 @@
 evaluation and checkpoints inside, on a prepared dataset. It reports the loss, validation
 loss, tokens/s and MFU as the trainer counts them, the peak memory, and torch._dynamo's
 counters once evaluation has run too: with compiled blocks, training and evaluation compile
-their own graphs, and dynamo keeps 8 per code object (``GRAPH_LIMIT``) before running further
+their own graphs, and dynamo keeps ``recompile_limit`` (8) per code object before running further
 shapes eagerly.
 
     python benchmarks/profile_run.py --dataset DIR --vocab FILE [--profile h100] [--steps 8]
@@ -22,18 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from common import machine, print_table, write_result  # noqa: E402
+from common import dynamo_stats, machine, print_table, write_result  # noqa: E402
 
 from meloformer_model.tokenizer.vocab import Vocabulary  # noqa: E402
 from meloformer_model.training.trainer import PROFILES, train  # noqa: E402
-
-GRAPH_LIMIT = 8  # torch._dynamo.config.recompile_limit's default
-
-
-def dynamo_counters() -> dict:
-    from torch._dynamo.utils import counters
-
-    return {key: dict(counters[key]) for key in ("stats", "recompiles") if key in counters}
 
 
 def main() -> None:
@@ -60,7 +52,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="profile-run-") as out:
         result = train(Path(args.dataset), Vocabulary.load(args.vocab), Path(out), config)
         saved = sorted(p.name for p in Path(out).glob("step-*"))
-    counters = dynamo_counters()
+    counters = dynamo_stats()
     graphs = counters.get("stats", {}).get("unique_graphs", 0)
     history = result.history
     rows = [[h["step"], f"{h['loss']:.4f}", f"{h['val_loss']:.4f}" if "val_loss" in h else "-"]
@@ -69,7 +61,8 @@ def main() -> None:
     print(f"tokens/s {result.tokens_per_second:,.0f}; MFU {result.mfu:.1%}; peak memory "
           f"{result.peak_memory_bytes / 2**30:.1f} GiB; wall {result.wall_seconds:.0f} s "
           f"(compilation included); checkpoints {saved}")  # fmt: skip
-    print(f"dynamo: {graphs} graphs in all (limit {GRAPH_LIMIT} per code object); recompiles "
+    limit = torch._dynamo.config.recompile_limit
+    print(f"dynamo: {graphs} graphs in all (limit {limit} per code object); recompiles "
           f"{counters.get('recompiles', {})}")  # fmt: skip
     path = write_result(args.name or f"profile-run-{name}", {
         "benchmark": "profile_run",

@@ -71,7 +71,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets  # noqa: E402
 import torch  # noqa: E402
-from common import machine, print_table, write_result  # noqa: E402
+from common import dynamo_stats, machine, print_table, write_result  # noqa: E402
 from step_profile import VARIANT_NOTES, attention_comparison, kernel_profile  # noqa: E402
 
 from meloformer_model.model import (  # noqa: E402
@@ -217,15 +217,6 @@ def flops_per_token(config, seq_len: int, visible_per_query: float) -> dict:
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-
-
-def dynamo_stats() -> dict:
-    try:
-        from torch._dynamo.utils import counters
-
-        return {k: dict(v) for k, v in counters.items() if k in ("stats", "recompiles")}
-    except Exception:  # pragma: no cover - informative only
-        return {}
 
 
 def bench_size(size: str, args, data, vocab_size: int, dev: torch.device, batch_size: int):
