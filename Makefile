@@ -42,7 +42,7 @@ ui: $(STAMP) $(INSTANCE_CONFIG)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
-	for name in preprocess pipeline attention train generate; do \
+	for name in preprocess pipeline packing attention train generate; do \
 		$(BIN)/python benchmarks/$$name.py || exit 1; \
 	done
 

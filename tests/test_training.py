@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from meloformer_model.model import MeloFormer, model_config
+from meloformer_model.training import trainer
 from meloformer_model.training.checkpoint import best_checkpoint, load_model, tokenizer_config
-from meloformer_model.training.data import IGNORE, PackedLoader
+from meloformer_model.training.data import IGNORE, PackedLoader, pack, windows
 from meloformer_model.training.trainer import (
     PROFILES,
     SUMMARY,
@@ -55,6 +56,22 @@ def test_packed_batches_keep_documents_apart(prepared):
             assert int(batch.targets[r, at + n - 1]) == want_last
             at += n
         assert (batch.doc[r, at:] == -1).all() and (batch.targets[r, at:] == IGNORE).all()
+
+
+def test_best_fit_packing_places_every_window_once_with_little_padding(prepared):
+    """Each window lands in exactly one row, no row overflows, and on the sample corpus under 2 %
+    of the row tokens are padding (packing rows in order, closing each when the next window does
+    not fit, left 11 % at this length: benchmarks/packing.py)."""
+    import datasets
+
+    lengths = np.asarray(datasets.load_from_disk(str(prepared.dataset.path))["train"]["length"])
+    pieces = windows(lengths, 512)
+    pieces = pieces[np.random.default_rng(0).permutation(len(pieces))]
+    rows = pack(pieces, 512)
+    assert sorted(p for row in rows for p in row) == sorted(map(tuple, pieces.tolist()))
+    used = [sum(end - start for _, start, end in row) for row in rows]
+    assert max(used) <= 512
+    assert 1 - sum(used) / (512 * len(rows)) < 0.02
 
 
 def test_every_batch_has_the_same_shape(prepared):
@@ -212,6 +229,13 @@ def test_the_run_key_names_the_trajectory_not_its_length_or_measurements():
     assert measured.run_key() == key == replace(FAST).run_key()
     for changed in (replace(FAST, lr=1e-3), replace(FAST, n_kv_head=1), TrainConfig()):
         assert changed.run_key() != key
+
+
+def test_another_packing_is_another_run(monkeypatch):
+    """The packing decides every batch: a run packed otherwise may not be continued."""
+    key = FAST.run_key()
+    monkeypatch.setattr(trainer, "PACKING", "in-order")
+    assert FAST.run_key() != key
 
 
 @pytest.mark.slow

@@ -46,7 +46,7 @@ from meloformer_model.training.checkpoint import (
     restore_training,
     save_checkpoint,
 )
-from meloformer_model.training.data import IGNORE, Batch, PackedLoader
+from meloformer_model.training.data import IGNORE, PACKING, Batch, PackedLoader
 
 SUMMARY = "summary.json"
 
@@ -85,9 +85,10 @@ class TrainConfig:
         return asdict(self)
 
     def run_key(self) -> str:
-        """12 hex digits naming the run's trajectory (the config less ``TRAJECTORY_NEUTRAL``):
-        configs with one key may continue each other's run, any other config is another run."""
-        trajectory = json.dumps(_trajectory(self.to_dict()), sort_keys=True)
+        """12 hex digits naming the run's trajectory (the config less ``TRAJECTORY_NEUTRAL``,
+        and the packing algorithm, which decides the batches): configs with one key may continue
+        each other's run, any other config is another run."""
+        trajectory = json.dumps({**_trajectory(self.to_dict()), "packing": PACKING}, sort_keys=True)
         return hashlib.sha256(trajectory.encode()).hexdigest()[:12]
 
 
@@ -262,7 +263,11 @@ def train(
         model, _ = load_model(Path(done["checkpoint"]), dev)
         paths = {"checkpoint": Path(done["checkpoint"]), "best": Path(done["best"])}
         return TrainResult(model=model, **{**done, **paths})
-    run = {"dataset": Path(dataset_path).name, "vocab_hash": vocab.config_hash()}
+    run = {
+        "dataset": Path(dataset_path).name,
+        "vocab_hash": vocab.config_hash(),
+        "packing": PACKING,
+    }
     existing = checkpoints(out_dir)
     if existing:
         _require_same_run(out_dir, existing[-1], config, run)
