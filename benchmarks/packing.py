@@ -78,15 +78,19 @@ def main() -> None:
     lengths = np.asarray(datasets.load_from_disk(str(dataset_path))["train"]["length"])
     lakh = np.random.default_rng(0).choice(lengths, LAKH_DOCUMENTS)
 
-    results, table = [], []
+    results, table = {}, []
     for corpus, corpus_lengths in (("sample", lengths), ("lakh-sized", lakh)):
         for seq_len in args.seq_lens:
             ref = measure(corpus_lengths, seq_len, in_order)
             ours = measure(corpus_lengths, seq_len, pack)
             gain = ours["tokens_per_row"] / ref["tokens_per_row"]
-            results.append({"corpus": corpus, "documents": len(corpus_lengths),
-                            "seq_len": seq_len, "in_order": ref, "best_fit": ours,
-                            "tokens_per_row_ratio": gain})  # fmt: skip
+            results[f"{corpus}-{seq_len}"] = {
+                "documents": len(corpus_lengths),
+                "windows": ours["windows"],
+                **{f"{name}_in_order": value for name, value in ref.items() if name != "windows"},
+                **{f"{name}_best_fit": value for name, value in ours.items() if name != "windows"},
+                "tokens_per_row_ratio": gain,
+            }
             table.append([corpus, seq_len, ours["windows"], ref["rows"], ours["rows"],
                           f"{ref['padding']:.1%}", f"{ours['padding']:.1%}", f"{gain:.3f}x",
                           f"{ref['plan_s']:.2f}", f"{ours['plan_s']:.2f}"])  # fmt: skip
