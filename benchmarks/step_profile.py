@@ -21,7 +21,7 @@ from torch.autograd import DeviceType
 from torch.nn.attention.flex_attention import BlockMask
 from torch.profiler import ProfilerActivity, profile
 
-from meloformer_model.model import FlexMask
+from meloformer_model.model import FlexMask, flex_masks
 
 Shape = tuple[int, int, int, int]  # (batch, heads, length, head dim)
 ATTENTION = "attention (flex)"
@@ -123,7 +123,10 @@ def _tile_bound_variants(mask: FlexMask) -> dict[str, FlexMask]:
 
 SPLIT_CHUNKS = 8
 SPLIT = f"summarize_split_{SPLIT_CHUNKS}"
+READING_ORDER = "update_reading_order"
 VARIANT_NOTES = {
+    READING_ORDER: "update with the regular tokens in reading order, not tile_order's (same "
+    "attention)",
     "update_mask_mod_reads_nothing": "update's tiles, a mask_mod reading nothing (wrong attention)",
     "update_tiles_full": "update's tiles, all marked full: no mask_mod (wrong attention)",
     SPLIT: f"summarize in {SPLIT_CHUNKS} key chunks merged by log-sum-exp (same attention)",
@@ -158,7 +161,8 @@ def phase_s(
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Each attention phase forward + backward, as ``Block.forward`` calls it, on the batch's
     own masks (random bf16 queries, keys and values of the layer's shapes). With the flex
-    backend also the update phase's tiles under cheaper masking (``_tile_bound_variants``) and
+    backend also the update phase in reading order (when ``tile_order`` lays the row out), its
+    tiles under cheaper masking (``_tile_bound_variants``) and
     the split summarize (``split_summarize``), whose output and gradients are compared with the
     model's (relative errors, the second dict)."""
     n_summary, n_regular = masks.summary.doc.shape[1], shape[2]
@@ -172,6 +176,10 @@ def phase_s(
     if isinstance(masks.update, FlexMask):
         for name, variant in _tile_bound_variants(masks.update).items():
             phases[name] = (variant.attend, *update)
+        if masks.restore is not None:
+            rows = torch.arange(shape[0], device=device)[:, None]
+            reading = masks.regular.at(rows, masks.restore)
+            phases[READING_ORDER] = (flex_masks(rules, masks.summary, reading)[1].attend, *update)
         try:  # an experiment: its failure is reported, the measurements go on
             errors, split = _split_check(masks, rules, summarize)
             phases[SPLIT] = (split, *summarize)
