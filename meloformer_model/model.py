@@ -539,22 +539,33 @@ class BatchMasks:
     summary: Stream
     summarize: DocumentMasks | FlexMask
     update: DocumentMasks | FlexMask
+    regular_rotation: Rotation
+    summary_rotation: Rotation
     order: torch.Tensor | None = None
     restore: torch.Tensor | None = None
 
 
 def build_masks(config: ModelConfig, regular: Stream) -> BatchMasks:
     summaries = summary_stream(regular)
+    order = restore = None
     if config.backend == "dense":
         summarize, update = document_masks(config.rules, summaries, regular)
-        return BatchMasks(regular, summaries, summarize, update)
-    order = tile_order(config.rules, regular)
-    restore = None
-    if order is not None:
-        regular = regular.at(torch.arange(order.shape[0], device=order.device)[:, None], order)
-        restore = torch.argsort(order, dim=1)
-    summarize, update = flex_masks(config.rules, summaries, regular)
-    return BatchMasks(regular, summaries, summarize, update, order, restore)
+    else:
+        order = tile_order(config.rules, regular)
+        if order is not None:
+            regular = regular.at(torch.arange(order.shape[0], device=order.device)[:, None], order)
+            restore = torch.argsort(order, dim=1)
+        summarize, update = flex_masks(config.rules, summaries, regular)
+    return BatchMasks(
+        regular,
+        summaries,
+        summarize,
+        update,
+        rotation(regular.pos, config.head_dim, config.rope_base),
+        rotation(summaries.pos, config.head_dim, config.rope_base),
+        order,
+        restore,
+    )
 
 
 # --------------------------------------------------------------------------------- layers
@@ -569,15 +580,29 @@ class RMSNorm(nn.Module):
         return (x.float() * norm).type_as(x) * self.weight
 
 
-def apply_rope(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotate pairs of channels by angles proportional to position: a true rotation, so norms
-    are preserved and q·k depends only on the position difference. x: (B, H, L, D), pos: (B, L)."""
-    half = x.shape[-1] // 2
-    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+@dataclass
+class Rotation:
+    """cos and sin (B, 1, L, D/2) of a stream's rotary angles: computed once per batch (or
+    decoding step) for all layers, not by each layer for its queries and keys."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+def rotation(pos: torch.Tensor, head_dim: int, base: float) -> Rotation:
+    """The angles of positions ``pos`` (B, L): channel pair i turns at base^(-i / half)."""
+    half = head_dim // 2
+    inv_freq = base ** (-torch.arange(half, device=pos.device, dtype=torch.float32) / half)
     angles = pos.float()[:, None, :, None] * inv_freq
-    cos, sin = angles.cos(), angles.sin()
+    return Rotation(angles.cos(), angles.sin())
+
+
+def apply_rope(x: torch.Tensor, rot: Rotation) -> torch.Tensor:
+    """Rotate pairs of channels by angles proportional to position: a true rotation, so norms
+    are preserved and q·k depends only on the position difference. x: (B, H, L, D)."""
+    half = x.shape[-1] // 2
     x1, x2 = x.float()[..., :half], x.float()[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+    return torch.cat([x1 * rot.cos - x2 * rot.sin, x1 * rot.sin + x2 * rot.cos], -1).type_as(x)
 
 
 class SwiGLU(nn.Module):
@@ -616,24 +641,24 @@ class Block(nn.Module):
     def _merge(self, x: torch.Tensor) -> torch.Tensor:
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], self.config.n_embd)
 
-    def qkv(self, x: torch.Tensor, pos: torch.Tensor):
+    def qkv(self, x: torch.Tensor, rot: Rotation):
         cfg = self.config
-        q = apply_rope(self._heads(self.wq(x), cfg.n_head), pos, cfg.rope_base)
-        k = apply_rope(self._heads(self.wk(x), cfg.n_kv_head), pos, cfg.rope_base)
+        q = apply_rope(self._heads(self.wq(x), cfg.n_head), rot)
+        k = apply_rope(self._heads(self.wk(x), cfg.n_kv_head), rot)
         return q, k, self._heads(self.wv(x), cfg.n_kv_head)
 
-    def second_stage(self, h_s: torch.Tensor, pos: torch.Tensor):
+    def second_stage(self, h_s: torch.Tensor, rot: Rotation):
         cfg = self.config
         x = self.norm_summary(h_s)
-        k2 = apply_rope(self._heads(self.wk2(x), cfg.n_kv_head), pos, cfg.rope_base)
+        k2 = apply_rope(self._heads(self.wk2(x), cfg.n_kv_head), rot)
         return k2, self._heads(self.wv2(x), cfg.n_kv_head)
 
     def forward(self, h_s, h_r, masks: BatchMasks):
-        q_s, k_s, v_s = self.qkv(self.norm_attn(h_s), masks.summary.pos)
-        q_r, k_r, v_r = self.qkv(self.norm_attn(h_r), masks.regular.pos)
+        q_s, k_s, v_s = self.qkv(self.norm_attn(h_s), masks.summary_rotation)
+        q_r, k_r, v_r = self.qkv(self.norm_attn(h_r), masks.regular_rotation)
         out_s = masks.summarize.attend(q_s, (k_s, k_r), (v_s, v_r))
         h_s = h_s + self.dropout(self.wo(self._merge(out_s)))
-        k2, v2 = self.second_stage(h_s, masks.summary.pos)
+        k2, v2 = self.second_stage(h_s, masks.summary_rotation)
         out_r = masks.update.attend(q_r, (k2, k_r), (v2, v_r))
         h_r = h_r + self.dropout(self.wo(self._merge(out_r)))
         h_s = h_s + self.dropout(self.ffn(self.norm_ffn(h_s)))
@@ -779,6 +804,10 @@ class IncrementalDecoder:
         mask = visible(self.model.config.rules, query.expand(2), _stream(keys).expand(1))
         return query, mask
 
+    def _rotation(self, query: Stream) -> Rotation:
+        config = self.model.config
+        return rotation(query.pos, config.head_dim, config.rope_base)
+
     def _summarize(self, bars: list[int | None]) -> None:
         """Summaries of ``bars`` (one per sequence; None: a placeholder) through all layers."""
         model = self.model
@@ -789,12 +818,13 @@ class IncrementalDecoder:
             for bar, pos in zip(bars, self.pos)
         ]
         query, mask = self._add(rows)
+        rot = self._rotation(query)
         h = model.summary_embed.expand(len(bars), 1, -1)
         for i, block in enumerate(model.blocks):
-            q, k, v = block.qkv(block.norm_attn(h), query.pos)
+            q, k, v = block.qkv(block.norm_attn(h), rot)
             ks, vs = self.summarize_k[i].append(k), self.summarize_v[i].append(v)
             h = h + block.wo(block._merge(_decode_attend(q, ks, vs, mask)))
-            k2, v2 = block.second_stage(h, query.pos)
+            k2, v2 = block.second_stage(h, rot)
             self.update_k[i].append(k2)
             self.update_v[i].append(v2)
             h = h + block.ffn(block.norm_ffn(h))
@@ -823,9 +853,10 @@ class IncrementalDecoder:
         query, mask = self._add([(0, *row, 0) for row in rows])  # document 0, not a summary
         self.pos = [pos + 1 for pos in self.pos]
         ids = torch.tensor(list(tokens), device=model.embed.weight.device).view(-1, 1)
+        rot = self._rotation(query)
         h = model.embed(ids)
         for i, block in enumerate(model.blocks):
-            q, k, v = block.qkv(block.norm_attn(h), query.pos)
+            q, k, v = block.qkv(block.norm_attn(h), rot)
             self.summarize_k[i].append(k)
             self.summarize_v[i].append(v)
             ks, vs = self.update_k[i].append(k), self.update_v[i].append(v)

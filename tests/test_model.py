@@ -16,12 +16,14 @@ from meloformer_model.model import (
     IncrementalDecoder,
     MeloFormer,
     ModelConfig,
+    Rotation,
     apply_rope,
     build_masks,
     dense_mask,
     expected_parameters,
     model_config,
     regular_stream,
+    rotation,
     summary_stream,
     summary_width,
     table_block_mask,
@@ -261,19 +263,21 @@ def test_summaries_are_one_per_document_bar_at_its_last_token():
 def test_rope_is_a_rotation_and_shift_invariant():
     torch.manual_seed(2)
     x = torch.randn(1, 2, 50, 64)
-    pos = torch.arange(50)[None]
-    rotated = apply_rope(x, pos, 10000.0)
+    rotated = apply_rope(x, rotation(torch.arange(50)[None], 64, 1e4))
     torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(rotated[:, :, 1:], x[:, :, 1:])  # position 0 alone stays put
     q, k = torch.randn(1, 1, 1, 64), torch.randn(1, 1, 1, 64)
+
+    def score(p, r):
+        at = rotation(torch.tensor([[p, r]]), 64, 1e4)
+        first, second = (Rotation(at.cos[:, :, i : i + 1], at.sin[:, :, i : i + 1]) for i in (0, 1))
+        return (apply_rope(q, first) * apply_rope(k, second)).sum()
+
     for p, r in ((7, 3), (40, 12)):
-        score = (
-            apply_rope(q, torch.tensor([[p]]), 1e4) * apply_rope(k, torch.tensor([[r]]), 1e4)
-        ).sum()
         for shift in (1, 100, 1000):
-            moved = apply_rope(q, torch.tensor([[p + shift]]), 1e4) * apply_rope(
-                k, torch.tensor([[r + shift]]), 1e4
+            torch.testing.assert_close(
+                score(p + shift, r + shift), score(p, r), rtol=1e-4, atol=1e-4
             )
-            torch.testing.assert_close(moved.sum(), score, rtol=1e-4, atol=1e-4)
 
 
 def test_kv_cache_decoding_equals_full_forward(rules_model, pieces):
