@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from segment_summarize import compiled_segment_summarize, segment_plan
 from split_summarize import split_block_mask, split_summarize
 from torch.autograd import DeviceType
 from torch.nn.attention.flex_attention import BlockMask
@@ -123,6 +124,7 @@ def _tile_bound_variants(mask: FlexMask) -> dict[str, FlexMask]:
 
 SPLIT_CHUNKS = 8
 SPLIT = f"summarize_split_{SPLIT_CHUNKS}"
+SEGMENTS = "summarize_segments"
 READING_ORDER = "update_reading_order"
 VARIANT_NOTES = {
     READING_ORDER: "update with the regular tokens in reading order, not tile_order's (same "
@@ -130,41 +132,52 @@ VARIANT_NOTES = {
     "update_mask_mod_reads_nothing": "update's tiles, a mask_mod reading nothing (wrong attention)",
     "update_tiles_full": "update's tiles, all marked full: no mask_mod (wrong attention)",
     SPLIT: f"summarize in {SPLIT_CHUNKS} key chunks merged by log-sum-exp (same attention)",
+    SEGMENTS: "summarize as each token's score against its own summary, reduced per summary by "
+    "scatter, plus dense SS (same attention, compiled)",
 }
 
 
 def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((got.float() - expected.float()).norm() / expected.float().norm())
+    got, expected = got.detach().float(), expected.detach().float()
+    return float((got - expected).norm() / expected.norm())
 
 
-def _split_check(masks, rules, summarize: tuple) -> tuple[dict[str, float], Callable]:
-    """The split summarize and its relative errors against the model's summarize phase."""
-    split_mask = split_block_mask(rules, masks, SPLIT_CHUNKS)
+def _summarize_candidates(masks, rules) -> dict[str, Callable[[], Callable]]:
+    """Builders of the other ways to compute the summarize phase (benchmarks/*_summarize.py)."""
 
-    def split(q, keys, values):
-        return split_summarize(q, keys, values, split_mask, SPLIT_CHUNKS)
+    def split():
+        split_mask = split_block_mask(rules, masks, SPLIT_CHUNKS)
+        return lambda q, keys, values: split_summarize(q, keys, values, split_mask, SPLIT_CHUNKS)
 
+    def segments():
+        plan = segment_plan(rules, masks)
+        return lambda q, keys, values: compiled_segment_summarize()(q, keys, values, plan)
+
+    return {SPLIT: split, SEGMENTS: segments}
+
+
+def _errors(reference: Callable, candidate: Callable, summarize: tuple) -> dict[str, float]:
+    """The candidate's relative errors against the model's summarize: output, largest gradient."""
     q, (k_s, k_r), (v_s, v_r) = summarize
     grad = torch.randn_like(q)
     leaves = (q, k_s, k_r, v_s, v_r)
-    (model_out, *model_grads), (split_out, *split_grads) = (
+    (model_out, *model_grads), (out, *grads) = (
         (out, *torch.autograd.grad(out, leaves, grad))
-        for out in (masks.summarize.attend(*summarize), split(*summarize))
+        for out in (reference(*summarize), candidate(*summarize))
     )
-    errors = {"output": _relative_error(split_out, model_out),
-              "gradients": max(map(_relative_error, split_grads, model_grads))}  # fmt: skip
-    return errors, split
+    return {"output": _relative_error(out, model_out),
+            "gradients": max(map(_relative_error, grads, model_grads))}  # fmt: skip
 
 
 def phase_s(
     masks, rules, shape: Shape, device: torch.device, repeats: int = 10
-) -> tuple[dict[str, float], dict[str, float]]:
+) -> tuple[dict[str, float], dict[str, dict]]:
     """Each attention phase forward + backward, as ``Block.forward`` calls it, on the batch's
     own masks (random bf16 queries, keys and values of the layer's shapes). With the flex
     backend also the update phase in reading order (when ``tile_order`` lays the row out), its
-    tiles under cheaper masking (``_tile_bound_variants``) and
-    the split summarize (``split_summarize``), whose output and gradients are compared with the
-    model's (relative errors, the second dict)."""
+    tiles under cheaper masking (``_tile_bound_variants``) and the other ways to summarize
+    (``_summarize_candidates``), whose outputs and gradients are compared with the model's
+    (relative errors, the second dict, per candidate)."""
     n_summary, n_regular = masks.summary.doc.shape[1], shape[2]
     q_s, k_s, v_s, k2, v2 = (_inputs(shape, device, n_summary) for _ in range(5))
     q_r, k_r, v_r = (_inputs(shape, device, n_regular) for _ in range(3))
@@ -180,11 +193,13 @@ def phase_s(
             rows = torch.arange(shape[0], device=device)[:, None]
             reading = masks.regular.at(rows, masks.restore)
             phases[READING_ORDER] = (flex_masks(rules, masks.summary, reading)[1].attend, *update)
-        try:  # an experiment: its failure is reported, the measurements go on
-            errors, split = _split_check(masks, rules, summarize)
-            phases[SPLIT] = (split, *summarize)
-        except Exception as error:  # noqa: BLE001
-            errors = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+        for name, build in _summarize_candidates(masks, rules).items():
+            try:  # an experiment: its failure is reported, the measurements go on
+                candidate = build()
+                errors[name] = _errors(masks.summarize.attend, candidate, summarize)
+                phases[name] = (candidate, *summarize)
+            except Exception as error:  # noqa: BLE001
+                errors[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
     times = {}
     for name, (attend, q, keys, values) in phases.items():
         grad = torch.randn_like(q)
@@ -203,13 +218,13 @@ def attention_comparison(profiled: dict, config, masks, shape: Shape, device: to
     recomputes it), and each phase timed alone."""
     ours = profiled["families_s"][ATTENTION] / config.n_layer
     causal = causal_attention_s(shape, device)
-    phases, split_errors = phase_s(masks, config.rules, shape, device)
+    phases, summarize_errors = phase_s(masks, config.rules, shape, device)
     return {
         "shape_bhtd": list(shape),
         "ours_per_layer_s": ours,
         "ours_includes_recomputed_forward": config.gradient_checkpointing,
         "phases_alone_s": phases,
-        "split_summarize_relative_error": split_errors,
+        "summarize_candidates_relative_error": summarize_errors,
         "causal_flash_per_layer_s": causal,
         "speedup_vs_causal": causal / ours if ours else None,
         "speedup_vs_causal_phases_alone": causal / (phases["summarize"] + phases["update"]),

@@ -633,12 +633,13 @@ def _print_kernel_profile(key: str, r: dict) -> None:
     for name, seconds in a["phases_alone_s"].items():
         if name not in PHASES:
             print(f"  {name}: {seconds * 1e3:.2f} ms ({VARIANT_NOTES[name]})")
-    errors = a["split_summarize_relative_error"]
-    if "error" in errors:
-        print(f"  split summarize failed: {errors['error']}")
-    elif errors:
-        print(f"  split summarize against the model's: relative error {errors['output']:.1e} "
-              f"(output), {errors['gradients']:.1e} (largest gradient)")  # fmt: skip
+    for name, errors in a["summarize_candidates_relative_error"].items():
+        if "error" in errors:
+            print(f"  {name} failed: {errors['error']}")
+        else:
+            print(f"  {name} against the model's summarize: relative error "
+                  f"{errors['output']:.1e} (output), {errors['gradients']:.1e} (largest "
+                  "gradient)")  # fmt: skip
 
 
 def _local(r: dict) -> str:
