@@ -73,7 +73,7 @@ for s in "${stages[@]}"; do
         ;;
     train)
         # PROFILES["h100"] as it stands (compiled blocks, no checkpointing), with the step's kernels
-        stage train 300 "$py" benchmarks/train.py --device cuda --sizes large small --profile \
+        stage train 360 "$py" benchmarks/train.py --device cuda --sizes large small --profile \
             --warmup 3 --steps 10 --name "train-$gpu" "${data[@]}"
         ;;
     trainer)
