@@ -87,7 +87,7 @@ from meloformer_model.model import (  # noqa: E402
 from meloformer_model.paths import SAMPLE_CORPUS_DIR  # noqa: E402
 from meloformer_model.tokenizer.vocab import Vocabulary  # noqa: E402
 from meloformer_model.training.data import PackedLoader  # noqa: E402
-from meloformer_model.training.trainer import PROFILES, forward_loss, param_groups  # noqa: E402
+from meloformer_model.training.trainer import PROFILES, adamw, forward_loss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_ROOT = ROOT / "build" / "bench_data"
@@ -242,8 +242,7 @@ def bench_size(size: str, args, data, vocab_size: int, dev: torch.device, batch_
     model = MeloFormer(config).to(dev).train()
     if args.compile:
         model.compile_blocks()
-    optimizer = torch.optim.AdamW(param_groups(model, profile.weight_decay), lr=profile.lr,
-                                  betas=(profile.beta1, profile.beta2))  # fmt: skip
+    optimizer = adamw(model, profile)
     bf16 = gpu and not args.no_bf16
 
     def autocast():
