@@ -223,18 +223,34 @@ def summary_width(needed: int) -> int:
 BAR_KEY = 1 << 20  # (document, bar) -> one sortable key: document * BAR_KEY + bar
 
 
-def summary_stream(regular: Stream) -> Stream:
-    """One summary per (document, bar) present, in (document, bar) order; its position is its
-    bar's last token. All rows at once: the summary count (the padded width) is the only value
-    read back from the device."""
-    batch = regular.doc.shape[0]
+def _bar_keys(doc: torch.Tensor, bar: torch.Tensor):
+    """Each row's (document, bar) keys sorted (padding last, as the largest key), the order
+    that sorts them, which are real and which start a new (document, bar)."""
     padding = torch.iinfo(torch.long).max
-    key = torch.where(regular.doc >= 0, regular.doc * BAR_KEY + regular.bar, padding)
+    key = torch.where(doc >= 0, doc.long() * BAR_KEY + bar, padding)
     key, order = torch.sort(key, dim=1, stable=True)
     real = key != padding
     first = real.clone()
     first[:, 1:] &= key[:, 1:] != key[:, :-1]
-    width = summary_width(max(1, int(first.sum(1).max())))
+    return key, order, real, first
+
+
+def batch_summary_width(doc: torch.Tensor, bar: torch.Tensor) -> int:
+    """The summary stream's width for these rows (B, T): ``summary_stream``'s own, computed
+    wherever the tensors are. The trainer computes it on the host batch, so building a GPU
+    batch's masks reads nothing back from the device and the host can queue the next
+    micro-batch while the GPU runs this one."""
+    return summary_width(max(1, int(_bar_keys(doc, bar)[3].sum(1).max())))
+
+
+def summary_stream(regular: Stream, width: int | None = None) -> Stream:
+    """One summary per (document, bar) present, in (document, bar) order; its position is its
+    bar's last token. All rows at once; ``width`` (``batch_summary_width``, or read back from
+    the device when None) is the padded summary count, at least the rows' bar count."""
+    batch = regular.doc.shape[0]
+    key, order, real, first = _bar_keys(regular.doc, regular.bar)
+    if width is None:
+        width = summary_width(max(1, int(first.sum(1).max())))
     slot = torch.where(real, torch.cumsum(first, 1) - 1, width)  # padding -> a spare column
     spare = torch.full((batch, width + 1), -1, dtype=torch.long, device=key.device)
     keys = spare.scatter(1, slot, torch.where(real, key, -1))[:, :width]
@@ -545,8 +561,9 @@ class BatchMasks:
     restore: torch.Tensor | None = None
 
 
-def build_masks(config: ModelConfig, regular: Stream) -> BatchMasks:
-    summaries = summary_stream(regular)
+def build_masks(config: ModelConfig, regular: Stream, width: int | None = None) -> BatchMasks:
+    """The batch's masks; ``width``: the summary stream's, as ``summary_stream`` takes it."""
+    summaries = summary_stream(regular, width)
     order = restore = None
     if config.backend == "dense":
         summarize, update = document_masks(config.rules, summaries, regular)

@@ -18,6 +18,7 @@ from meloformer_model.model import (
     ModelConfig,
     Rotation,
     apply_rope,
+    batch_summary_width,
     build_masks,
     dense_mask,
     expected_parameters,
@@ -240,9 +241,12 @@ def test_summary_widths_are_powers_of_two(pieces):
     doc = torch.cat([torch.full_like(p[0], d) for d, p in enumerate(parts)], 1)
     bars = sum(len(torch.unique(p[1])) for p in parts)
     assert bars > 64
-    summaries = summary_stream(regular_stream(*side, doc))
-    assert summaries.doc.shape[1] == summary_width(bars)
+    regular = regular_stream(*side, doc)
+    summaries = summary_stream(regular)
+    assert summaries.doc.shape[1] == summary_width(bars) == batch_summary_width(doc, side[0])
     assert int((summaries.doc >= 0).sum()) == bars
+    given = summary_stream(regular, batch_summary_width(doc, side[0]))  # no read from a device
+    assert all(torch.equal(a, b) for a, b in zip(given.fields(), summaries.fields()))
 
 
 def test_summaries_are_one_per_document_bar_at_its_last_token():

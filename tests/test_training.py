@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from meloformer_model.model import MeloFormer, model_config
+from meloformer_model.model import MeloFormer, model_config, regular_stream, summary_stream
 from meloformer_model.training import trainer
 from meloformer_model.training.checkpoint import best_checkpoint, load_model, tokenizer_config
 from meloformer_model.training.data import IGNORE, PackedLoader, pack, windows
@@ -44,6 +44,7 @@ def test_packed_batches_keep_documents_apart(prepared):
     assert len(covered) >= 0.9 * len(data)
     batch = loader.make(plan[0])
     assert batch.ids.shape == (4, 256)
+    assert batch.summary_width == summary_stream(regular_stream(*batch.side)).doc.shape[1]
     for r, row in enumerate(plan[0]):
         at = 0
         for piece, (doc, start, end) in enumerate(row):

@@ -35,7 +35,7 @@ def family_perplexity(model, loader: PackedLoader, vocab: Vocabulary) -> dict:
     loss_sum = np.zeros(len(FAMILIES))
     count = np.zeros(len(FAMILIES))
     for _, batch in loader.epoch(0):
-        masks = build_masks(model.config, regular_stream(*batch.side))
+        masks = build_masks(model.config, regular_stream(*batch.side), batch.summary_width)
         logits = model(batch.ids, masks)
         targets = batch.targets.flatten()
         keep = targets != IGNORE

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from meloformer_model.model import batch_summary_width
+
 SIDE = ("bar", "instrument", "token_type", "onset_group")
 IGNORE = -100
 
@@ -29,9 +31,20 @@ class Batch:
     instrument: torch.Tensor
     token_type: torch.Tensor
     onset_group: torch.Tensor
+    summary_width: int  # batch_summary_width, counted on the host
 
     def to(self, device) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
+        """On a GPU through pinned memory, so the copy does not wait for the GPU to finish what
+        it is running (a copy from pageable memory does)."""
+        device = torch.device(device)
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if device.type == "cuda" and t.device.type == "cpu":
+                t = t.pin_memory()
+            return t.to(device, non_blocking=True)
+
+        tensors = [move(t) for t in vars(self).values() if isinstance(t, torch.Tensor)]
+        return Batch(*tensors, summary_width=self.summary_width)
 
     @property
     def side(self) -> tuple[torch.Tensor, ...]:
@@ -135,8 +148,10 @@ class PackedLoader:
                 docs[r, at : at + n] = d
                 at += n
         as_tensor = {k: torch.from_numpy(v) for k, v in arrays.items()}
-        return Batch(as_tensor["ids"], torch.from_numpy(targets), torch.from_numpy(docs),
-                     *(as_tensor[name] for name in SIDE))  # fmt: skip
+        doc = torch.from_numpy(docs)
+        return Batch(as_tensor["ids"], torch.from_numpy(targets), doc,
+                     *(as_tensor[name] for name in SIDE),
+                     summary_width=batch_summary_width(doc, as_tensor["bar"]))  # fmt: skip
 
     def epoch(self, epoch: int, skip: int = 0):
         """Yield (index, batch) for one epoch, starting after ``skip`` batches."""

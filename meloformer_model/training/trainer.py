@@ -154,7 +154,7 @@ def adamw(model: MeloFormer, config: TrainConfig) -> torch.optim.AdamW:
 def forward_loss(model, batch: Batch, reduction: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
     """(loss summed or per token, logits) for a batch; masks built once for all layers."""
     config = model.module.config if hasattr(model, "module") else model.config
-    masks = build_masks(config, regular_stream(*batch.side))
+    masks = build_masks(config, regular_stream(*batch.side), batch.summary_width)
     logits = model(batch.ids, masks)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(),
                            ignore_index=IGNORE, reduction=reduction)  # fmt: skip
@@ -339,8 +339,9 @@ def train(
         lr = lr_at(state["step"], config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # the loss adds up on the device and tokens are counted on the host batch: between
-        # micro-batches only mask building reads from the device (the summary width, once)
+        # the loss adds up on the device, tokens are counted and the summary width taken on
+        # the host batch, which reaches the GPU through pinned memory: between micro-batches
+        # nothing waits for the GPU, so the host queues the next one while it runs this one
         total = torch.zeros((), device=dev)
         for batch in micro:
             state["tokens_seen"] += int((batch.doc >= 0).sum())
