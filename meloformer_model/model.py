@@ -511,9 +511,11 @@ class FlexMask:
         return self.kernel(q, k, v, self.block_mask, q.shape[1] != k.shape[1])
 
 
-def _token_classes(rules: AttentionRules) -> torch.Tensor:
+@functools.cache
+def _token_classes(rules: AttentionRules, device: torch.device) -> torch.Tensor:
     """Token type -> class: types whose queries read the same key types (``type_rules``) share a
-    class; a type without a rule is a class of its own."""
+    class; a type without a rule is a class of its own. Kept per device: a copy to the GPU for
+    every batch would be one more wait for it."""
     key_types = dict(rules.type_rules)
     distinct: list[tuple[int, ...]] = []
     for token_type in TokenType:
@@ -521,7 +523,9 @@ def _token_classes(rules: AttentionRules) -> torch.Tensor:
         if reads not in distinct:
             distinct.append(reads)
     return torch.tensor(
-        [distinct.index(key_types.get(int(t), (int(t),))) for t in TokenType], dtype=torch.long
+        [distinct.index(key_types.get(int(t), (int(t),))) for t in TokenType],
+        dtype=torch.long,
+        device=device,
     )
 
 
@@ -537,7 +541,7 @@ def tile_order(rules: AttentionRules, regular: Stream) -> torch.Tensor | None:
     once at the embedding and restores reading order before the head."""
     if not (rules.type_rules or rules.duration_sees_own_onset_group):
         return None
-    classes = _token_classes(rules).to(regular.token_type.device)
+    classes = _token_classes(rules, regular.token_type.device)
     length = regular.doc.shape[1]
     doc = torch.where(regular.doc >= 0, regular.doc, length)
     key = doc * len(TokenType) + classes[regular.token_type.long()]
