@@ -14,6 +14,7 @@ shapes eagerly.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -55,12 +56,17 @@ def main() -> None:
     counters = dynamo_stats()
     graphs = counters.get("stats", {}).get("unique_graphs", 0)
     history = result.history
-    rows = [[h["step"], f"{h['loss']:.4f}", f"{h['val_loss']:.4f}" if "val_loss" in h else "-"]
+    rows = [[h["step"], f"{h['loss']:.4f}", f"{h['val_loss']:.4f}" if "val_loss" in h else "-",
+             f"{h['seconds']:.3f}", f"{h['tokens'] / h['seconds']:,.0f}"]
             for h in history]  # fmt: skip
-    print_table(["step", "loss", "val loss"], rows)
-    print(f"tokens/s {result.tokens_per_second:,.0f}; MFU {result.mfu:.1%}; peak memory "
-          f"{result.peak_memory_bytes / 2**30:.1f} GiB; wall {result.wall_seconds:.0f} s "
-          f"(compilation included); checkpoints {saved}")  # fmt: skip
+    print_table(["step", "loss", "val loss", "step s", "tokens/s"], rows)
+    # the run's figures include the first step's compilation; the median step is steady state
+    steady = statistics.median(h["tokens"] / h["seconds"] for h in history[1:] or history)
+    steady_mfu = result.mfu * steady / result.tokens_per_second
+    print(f"tokens/s {result.tokens_per_second:,.0f}, MFU {result.mfu:.1%} over the run "
+          f"(compilation included); median step {steady:,.0f} tokens/s, MFU {steady_mfu:.1%}; "
+          f"peak memory {result.peak_memory_bytes / 2**30:.1f} GiB; wall "
+          f"{result.wall_seconds:.0f} s; checkpoints {saved}")  # fmt: skip
     limit = torch._dynamo.config.recompile_limit
     print(f"dynamo: {graphs} graphs in all (limit {limit} per code object); recompiles "
           f"{counters.get('recompiles', {})}")  # fmt: skip
@@ -74,6 +80,8 @@ def main() -> None:
         "history": history,
         "tokens_per_second": result.tokens_per_second,
         "mfu": result.mfu,
+        "tokens_per_second_median_step": steady,
+        "mfu_median_step": steady_mfu,
         "peak_memory_bytes": result.peak_memory_bytes,
         "wall_seconds": result.wall_seconds,
         "checkpoints": saved,

@@ -343,8 +343,9 @@ def train(
         # the host batch, which reaches the GPU through pinned memory: between micro-batches
         # nothing waits for the GPU, so the host queues the next one while it runs this one
         total = torch.zeros((), device=dev)
+        step_tokens = sum(int((batch.doc >= 0).sum()) for batch in micro)
+        state["tokens_seen"] += step_tokens
         for batch in micro:
-            state["tokens_seen"] += int((batch.doc >= 0).sum())
             batch = batch.to(dev)
             with autocast():
                 loss, _ = forward_loss(wrapped, batch)
@@ -356,10 +357,12 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        state["step_seconds"] += time.perf_counter() - step_started
+        seconds = time.perf_counter() - step_started
+        state["step_seconds"] += seconds
         state["step"] += 1
         record = {"step": state["step"], "loss": total * world / targets, "lr": lr,
-                  "grad_norm": grad_norm}  # fmt: skip
+                  "grad_norm": grad_norm, "tokens": step_tokens * world,
+                  "seconds": seconds}  # fmt: skip
         if state["step"] % config.eval_every == 0 or state["step"] == end:
             record["val_loss"] = evaluate(wrapped, valid_loader, dev, autocast)["loss"]
             log(f"step {state['step']}: loss {record['loss']:.4f} val {record['val_loss']:.4f}")
