@@ -330,12 +330,14 @@ class Span:
     regular: slice
     bias: torch.Tensor | None
 
-    def gather(self, b: int, parts: tuple) -> torch.Tensor:
-        """This document's keys (or values): its summaries, then its regular tokens."""
-        summary, regular = parts
-        return torch.cat(
-            [summary[b : b + 1, :, self.summaries], regular[b : b + 1, :, self.regular]], 2
-        )
+
+def _by_run(x: torch.Tensor, cuts: list[slice]) -> dict[tuple[int, int], torch.Tensor]:
+    """One row (H, L, D) split at the ends of ``cuts`` (disjoint runs): each run as (1, H, n, D)
+    by its (start, stop). The gradients of a split come back in one concatenation; slicing each
+    run out of the batch would zero-fill a gradient the size of the batch per run."""
+    bounds = sorted({0, x.shape[1], *(end for cut in cuts for end in (cut.start, cut.stop))})
+    parts = torch.split(x, [stop - start for start, stop in zip(bounds, bounds[1:])], dim=1)
+    return {(start, stop): part[None] for start, stop, part in zip(bounds, bounds[1:], parts)}
 
 
 @dataclass
@@ -351,20 +353,30 @@ class DocumentMasks:
         """q: (B, H, Q, D); keys, values: (summary part, regular part), each (B, Hkv, ., D)."""
         groups = q.shape[1] // keys[0].shape[1]
         own_values = values[0] if self.summary_queries else values[1]
-        rows: list[list[torch.Tensor]] = [[] for _ in range(q.shape[0])]
-        for span in self.spans:
-            b = span.row
-            if span.bias is None:
-                own = own_values[b : b + 1, :, span.queries]
-                rows[b].append(own.repeat_interleave(groups, dim=1) if groups > 1 else own)
-                continue
-            k, v = (span.gather(b, parts) for parts in (keys, values))
-            bias = span.bias.to(q.dtype)
-            query = q[b : b + 1, :, span.queries]
-            rows[b].append(
-                F.scaled_dot_product_attention(query, k, v, attn_mask=bias, enable_gqa=groups > 1)
-            )
-        return torch.cat([torch.cat(parts, 2) for parts in rows], 0)
+        tensors = (q, own_values, keys[0], keys[1], values[0], values[1])
+        cut_by = ("queries", "queries", "summaries", "regular", "summaries", "regular")
+        out = []
+        for b, row in enumerate(zip(*(t.unbind(0) for t in tensors))):
+            spans = [span for span in self.spans if span.row == b]
+            runs = [_by_run(x, [getattr(s, name) for s in spans]) for x, name in zip(row, cut_by)]
+
+            def run(i: int, span: Span, runs=runs) -> torch.Tensor:
+                cut = getattr(span, cut_by[i])
+                return runs[i][cut.start, cut.stop]
+
+            parts = []
+            for span in spans:
+                if span.bias is None:
+                    own = run(1, span)
+                    parts.append(own.repeat_interleave(groups, dim=1) if groups > 1 else own)
+                    continue
+                k = torch.cat([run(2, span), run(3, span)], 2)
+                v = torch.cat([run(4, span), run(5, span)], 2)
+                bias = span.bias.to(q.dtype)
+                parts.append(F.scaled_dot_product_attention(run(0, span), k, v, attn_mask=bias,
+                                                            enable_gqa=groups > 1))  # fmt: skip
+            out.append(torch.cat(parts, 2))
+        return torch.cat(out, 0)
 
     def visible_entries(self) -> int:
         """Visible (query, key) pairs, padding's self-entries included: equals the count in

@@ -205,7 +205,7 @@ def _packed_batch(pieces):
 
 def test_per_document_attention_equals_whole_row_attention(pieces):
     """The dense backend attends document by document; that must equal SDPA over whole rows
-    with the whole-row mask (padding included, grouped-query heads)."""
+    with the whole-row mask (padding included, grouped-query heads), gradients included."""
     regular = _packed_batch(pieces)
     masks = build_masks(ModelConfig(V), regular)
     keys = masks.summary.cat(regular)
@@ -214,13 +214,17 @@ def test_per_document_attention_equals_whole_row_attention(pieces):
     for queries, doc_masks in ((masks.summary, masks.summarize), (regular, masks.update)):
         whole = dense_mask(ModelConfig(V).rules, queries, keys)
         assert doc_masks.visible_entries() == int(whole.count_nonzero())
-        q = torch.randn(2, 4, queries.doc.shape[1], 16, dtype=torch.float64)
-        k = torch.randn(2, 2, keys.doc.shape[1], 16, dtype=torch.float64)
-        v = torch.randn(2, 2, keys.doc.shape[1], 16, dtype=torch.float64)
+        q = torch.randn(2, 4, queries.doc.shape[1], 16, dtype=torch.float64, requires_grad=True)
+        k = torch.randn(2, 2, keys.doc.shape[1], 16, dtype=torch.float64, requires_grad=True)
+        v = torch.randn(2, 2, keys.doc.shape[1], 16, dtype=torch.float64, requires_grad=True)
+        grad = torch.randn(2, 4, queries.doc.shape[1], 16, dtype=torch.float64)
         expected = F.scaled_dot_product_attention(q, k, v, attn_mask=whole, enable_gqa=True)
         split = ((k[:, :, :n_sum], k[:, :, n_sum:]), (v[:, :, :n_sum], v[:, :, n_sum:]))
         got = doc_masks.attend(q, *split)
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+        for ours, reference in zip(torch.autograd.grad(got, (q, k, v), grad),
+                                   torch.autograd.grad(expected, (q, k, v), grad)):  # fmt: skip
+            torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
 
 
 def test_a_document_split_in_two_runs_is_refused(pieces):
