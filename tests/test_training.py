@@ -3,6 +3,7 @@ two DDP processes agree."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -230,6 +231,24 @@ def test_the_run_key_names_the_trajectory_not_its_length_or_measurements():
     assert measured.run_key() == key == replace(FAST).run_key()
     for changed in (replace(FAST, lr=1e-3), replace(FAST, n_kv_head=1), TrainConfig()):
         assert changed.run_key() != key
+
+
+def test_progress_lines_report_rate_and_time_left(prepared, tmp_path, monkeypatch):
+    """A line per evaluation, and one whenever PROGRESS_EVERY_S has passed (here: every step),
+    with the step out of max_steps, the losses, learning rate, tokens/s and the time left."""
+    monkeypatch.setattr(trainer, "PROGRESS_EVERY_S", 0.0)
+    logs = []
+    result = train(prepared.dataset.path, prepared.vocab, tmp_path, FAST, log=logs.append)
+    pattern = re.compile(r"step (\d)/6: loss ([\d.]+)( val [\d.]+)?, lr ([\d.e+-]+), "
+                         r"([\d,]+) tokens/s, (\d+) min (\d\d) s left")  # fmt: skip
+    lines = [pattern.fullmatch(line) for line in logs]
+    assert all(lines) and [int(m[1]) for m in lines] == [1, 2, 3, 4, 5, 6]
+    for m, record in zip(lines, result.history):
+        assert float(m[2]) == pytest.approx(record["loss"], abs=1e-4)
+        assert bool(m[3]) == ("val_loss" in record) == (record["step"] in (3, 6))
+        assert float(m[4]) == pytest.approx(record["lr"], rel=1e-2)
+        assert int(m[5].replace(",", "")) > 0
+    assert lines[-1].group(6, 7) == ("0", "00")  # nothing left after the last step
 
 
 def test_another_packing_is_another_run(monkeypatch):

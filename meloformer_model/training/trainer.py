@@ -49,6 +49,7 @@ from meloformer_model.training.checkpoint import (
 from meloformer_model.training.data import IGNORE, PACKING, Batch, PackedLoader
 
 SUMMARY = "summary.json"
+PROGRESS_EVERY_S = 60.0  # a progress line at least this often, besides one per evaluation
 
 # Fields a run may change and still be the same run: they say how long to train, what to
 # measure or keep, or how the same operations are scheduled (compiled blocks fuse them), not
@@ -324,6 +325,7 @@ def train(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     last_saved = None
+    progress = _Progress(end, config.max_steps)
     while state["step"] < end:
         step_started = time.perf_counter()
         micro = []
@@ -365,7 +367,9 @@ def train(
                   "seconds": seconds}  # fmt: skip
         if state["step"] % config.eval_every == 0 or state["step"] == end:
             record["val_loss"] = evaluate(wrapped, valid_loader, dev, autocast)["loss"]
-            log(f"step {state['step']}: loss {record['loss']:.4f} val {record['val_loss']:.4f}")
+        progress.add(record)
+        if "val_loss" in record or progress.due():
+            log(progress.line(record))
         history.append(record)
         if metrics:
             metrics(record)
@@ -397,6 +401,42 @@ def train(
     if rank == 0 and state["step"] == config.max_steps and state["step"] > first_step:
         _save_summary(out_dir, result, config, dataset_path)  # not by a call that trained none
     return result
+
+
+class _Progress:
+    """Progress lines for a long run: the step, losses, learning rate, this session's tokens/s
+    since the last line, and the time left at this session's mean step time."""
+
+    def __init__(self, end: int, max_steps: int):
+        self.end, self.max_steps = end, max_steps
+        self.steps = self.seconds = 0.0
+        self.window_tokens = self.window_seconds = 0.0
+        self.last = time.monotonic()
+
+    def add(self, record: dict) -> None:
+        self.steps += 1
+        self.seconds += record["seconds"]
+        self.window_tokens += record["tokens"]
+        self.window_seconds += record["seconds"]
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= PROGRESS_EVERY_S
+
+    def line(self, record: dict) -> str:
+        step = record["step"]
+        rate = self.window_tokens / self.window_seconds if self.window_seconds else 0.0
+        left = (self.end - step) * self.seconds / self.steps
+        val = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
+        self.window_tokens = self.window_seconds = 0.0
+        self.last = time.monotonic()
+        return (f"step {step}/{self.max_steps}: loss {record['loss']:.4f}{val}, lr "
+                f"{record['lr']:.2e}, {rate:,.0f} tokens/s, {_duration(left)} left")  # fmt: skip
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
 
 
 def _require_same_run(out_dir: Path, checkpoint: Path, config: TrainConfig, run: dict) -> None:
