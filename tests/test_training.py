@@ -251,6 +251,46 @@ def test_progress_lines_report_rate_and_time_left(prepared, tmp_path, monkeypatc
     assert lines[-1].group(6, 7) == ("0", "00")  # nothing left after the last step
 
 
+def _failing_at(step: int, make_loss):
+    """trainer.forward_loss, with the loss of optimizer step ``step`` (grad_accum 1) replaced."""
+    calls = []
+    real = trainer.forward_loss
+
+    def forward_loss(model, batch, reduction="sum"):
+        loss, logits = real(model, batch, reduction)
+        if model.training:  # not evaluation's batches
+            calls.append(1)
+            if len(calls) == step:
+                loss = make_loss(loss)
+        return loss, logits
+
+    return forward_loss
+
+
+def test_a_non_finite_loss_stops_the_run_before_the_weights_move(prepared, tmp_path, monkeypatch):
+    """A NaN loss (bf16 overflow, too high a learning rate) stops the run with the step, the
+    loss and what to change, before the optimizer step: the checkpoints already written stay
+    the run's last good state."""
+    monkeypatch.setattr(trainer, "forward_loss", _failing_at(5, lambda loss: loss * float("nan")))
+    with pytest.raises(FloatingPointError, match=r"step 5 has loss nan .* weights were not "
+                                                 r"updated. Lower lr .*step-0000003"):  # fmt: skip
+        train(prepared.dataset.path, prepared.vocab, tmp_path, FAST, log=lambda _: None)
+    assert [p.name for p in sorted(tmp_path.glob("step-*"))] == ["step-0000003"]
+
+
+def test_out_of_gpu_memory_names_the_settings_to_change(prepared, tmp_path, monkeypatch):
+    def out_of_memory(loss):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer, "forward_loss", _failing_at(2, out_of_memory))
+    with pytest.raises(torch.cuda.OutOfMemoryError,
+                       match=r"out of GPU memory in step 2 with micro-batches of 4 x 128 tokens "
+                             r"\(tiny model, gradient checkpointing off\): lower batch_size and "
+                             r"raise grad_accum .* or turn gradient_checkpointing on. The newest "
+                             r"checkpoint is none yet"):  # fmt: skip
+        train(prepared.dataset.path, prepared.vocab, tmp_path, FAST, log=lambda _: None)
+
+
 def test_another_packing_is_another_run(monkeypatch):
     """The packing decides every batch: a run packed otherwise may not be continued."""
     key = FAST.run_key()

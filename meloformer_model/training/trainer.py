@@ -347,14 +347,25 @@ def train(
         total = torch.zeros((), device=dev)
         step_tokens = sum(int((batch.doc >= 0).sum()) for batch in micro)
         state["tokens_seen"] += step_tokens
-        for batch in micro:
-            batch = batch.to(dev)
-            with autocast():
-                loss, _ = forward_loss(wrapped, batch)
-            (loss * world / targets).backward()
-            total += loss.detach()
+        try:
+            for batch in micro:
+                batch = batch.to(dev)
+                with autocast():
+                    loss, _ = forward_loss(wrapped, batch)
+                (loss * world / targets).backward()
+                total += loss.detach()
+        except torch.cuda.OutOfMemoryError as error:
+            raise torch.cuda.OutOfMemoryError(
+                _out_of_memory(out_dir, state["step"] + 1, config)
+            ) from error
         total = float(total)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip))
+        if not (math.isfinite(total) and math.isfinite(grad_norm)):  # before the weights move
+            raise FloatingPointError(
+                f"{out_dir}: step {state['step'] + 1} has loss {total} and gradient norm "
+                f"{grad_norm}; the weights were not updated. Lower lr (now {lr:.2e}) or clip, "
+                f"or train with bf16 off; the newest checkpoint is {_newest(out_dir)}"
+            )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if dev.type == "cuda":
@@ -401,6 +412,23 @@ def train(
     if rank == 0 and state["step"] == config.max_steps and state["step"] > first_step:
         _save_summary(out_dir, result, config, dataset_path)  # not by a call that trained none
     return result
+
+
+def _newest(out_dir: Path) -> str:
+    saved = checkpoints(out_dir)
+    return str(saved[-1]) if saved else "none yet"
+
+
+def _out_of_memory(out_dir: Path, step: int, config: TrainConfig) -> str:
+    advice = "lower batch_size and raise grad_accum to keep the tokens per step"
+    if not config.gradient_checkpointing:
+        advice += ", or turn gradient_checkpointing on"
+    return (
+        f"{out_dir}: out of GPU memory in step {step} with micro-batches of {config.batch_size} "
+        f"x {config.seq_len} tokens ({config.size} model, gradient checkpointing "
+        f"{'on' if config.gradient_checkpointing else 'off'}): {advice}. The newest checkpoint "
+        f"is {_newest(out_dir)}"
+    )
 
 
 class _Progress:
