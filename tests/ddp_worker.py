@@ -6,14 +6,34 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from meloformer_model.tokenizer.vocab import Vocabulary
 from meloformer_model.training.trainer import PROFILES, setup_distributed, train
 
+
+class CountingDDP(torch.nn.parallel.DistributedDataParallel):
+    """DDP counting its gradient all-reduce rounds (the hook sees each bucket; bucket 0 once)."""
+
+    rounds = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+
+        def hook(state, bucket):
+            if bucket.index() == 0:
+                CountingDDP.rounds += 1
+            return default_hooks.allreduce_hook(state, bucket)
+
+        self.register_comm_hook(None, hook)
+
+
+torch.nn.parallel.DistributedDataParallel = CountingDDP
 setup_distributed()
-config = replace(PROFILES["cpu"], seq_len=128, batch_size=2, max_steps=3, eval_every=3,
-                 checkpoint_every=3, warmup_steps=1)  # fmt: skip
+config = replace(PROFILES["cpu"], seq_len=128, batch_size=2, grad_accum=2, max_steps=3,
+                 eval_every=3, checkpoint_every=3, warmup_steps=1)  # fmt: skip
 out = Path(sys.argv[3])
 result = train(Path(sys.argv[1]), Vocabulary.load(sys.argv[2]), out / "run", config,
                log=lambda _: None)  # fmt: skip
@@ -26,6 +46,7 @@ digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in result.mo
             "weights": digest.hexdigest(),
             "step": result.history[-1]["step"],
             "loss": result.history[-1]["loss"],
+            "allreduce_rounds": CountingDDP.rounds,
         }
     )
 )

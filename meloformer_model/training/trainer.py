@@ -9,6 +9,7 @@ the tests), ``h100``/``h800`` are the upstream recipes at 8192 tokens.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -348,11 +349,14 @@ def train(
         step_tokens = sum(int((batch.doc >= 0).sum()) for batch in micro)
         state["tokens_seen"] += step_tokens
         try:
-            for batch in micro:
+            for i, batch in enumerate(micro):
                 batch = batch.to(dev)
-                with autocast():
-                    loss, _ = forward_loss(wrapped, batch)
-                (loss * world / targets).backward()
+                # DDP all-reduces the gradients once a step, after the last micro-batch
+                last = i == len(micro) - 1
+                with contextlib.nullcontext() if world == 1 or last else wrapped.no_sync():
+                    with autocast():
+                        loss, _ = forward_loss(wrapped, batch)
+                    (loss * world / targets).backward()
                 total += loss.detach()
         except torch.cuda.OutOfMemoryError as error:
             raise torch.cuda.OutOfMemoryError(
