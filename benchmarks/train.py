@@ -27,9 +27,10 @@ FLOPs per token (no recomputation counted, so gradient checkpointing does not in
       the trainer's ``mfu``): what a full-causal model of the same size would be credited with.
   Summary tokens' own projections/FFN are not counted either (they are ~1-2 % of the tokens).
 
-Utilisation = tokens/s x FLOPs/token / peak. CPU peak: fp32 ``torch.mm`` of square matrices
-(2048, 4096), all threads, best of several, measured in the same run before and after the
-models (the better figure is used). GPU peak: bf16 dense datasheet peak (H100/H800/H200 SXM:
+Utilisation = tokens/s x FLOPs/token / peak. CPU peak: ``torch.mm`` of square matrices
+(2048, 4096) in the run's dtype (fp32; bf16 with ``--bf16 1``, which autocasts the step as the
+trainer's ``bf16`` does), all threads, best of several, measured in the same run before and
+after the models (the better figure is used). GPU peak: bf16 dense datasheet peak (H100/H800/H200 SXM:
 989 TFLOP/s).
 
 Load (CPU): before each configuration the script waits (``--max-wait``) until other processes
@@ -154,11 +155,11 @@ def wait_for_quiet(threshold: float, max_wait_s: float) -> dict:
 
 
 # --------------------------------------------------------------------------------- peak
-def cpu_matmul_peak(sizes=(2048, 4096), repeats=(5, 3)) -> dict:
+def cpu_matmul_peak(sizes=(2048, 4096), repeats=(5, 3), dtype=torch.float32) -> dict:
     rows = []
     with LoadMeter() as meter:
         for n, reps in zip(sizes, repeats):
-            a, b = torch.randn(n, n), torch.randn(n, n)
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
             torch.mm(a, b)
             best = float("inf")
             for _ in range(reps):
@@ -167,7 +168,8 @@ def cpu_matmul_peak(sizes=(2048, 4096), repeats=(5, 3)) -> dict:
                 best = min(best, time.perf_counter() - start)
             rows.append({"n": n, "best_s": best, "gflops": 2 * n**3 / best / 1e9})
     return {"sizes": rows, "peak_flops": max(r["gflops"] for r in rows) * 1e9,
-            "threads": torch.get_num_threads(), "load": meter.result}  # fmt: skip
+            "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+            "load": meter.result}  # fmt: skip
 
 
 def gpu_peak(device: torch.device) -> tuple[float, str]:
@@ -243,7 +245,7 @@ def bench_size(size: str, args, data, vocab_size: int, dev: torch.device, batch_
     if args.compile:
         model.compile_blocks()
     optimizer = adamw(model, profile)
-    bf16 = gpu and not args.no_bf16
+    bf16 = bool(args.bf16)
 
     def autocast():
         return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
@@ -383,7 +385,14 @@ def main() -> None:
         default=None,
         help="override gradient checkpointing (GPU default on, CPU off)",
     )
-    parser.add_argument("--no-bf16", action="store_true")
+    parser.add_argument(
+        "--bf16",
+        type=int,
+        choices=(0, 1),
+        default=None,
+        help="bf16 autocast (default: on GPU, off on CPU; on CPU the utilisation is then against "
+        "a bf16 matmul peak)",
+    )
     parser.add_argument(
         "--compile",
         type=int,
@@ -424,6 +433,10 @@ def main() -> None:
                      "loop would be recompiled for every batch)")  # fmt: skip
     if args.compile is None:
         args.compile = dev.type == "cuda" and PROFILES["h100"].compile_blocks
+    if args.bf16 is None:
+        args.bf16 = int(dev.type == "cuda")
+    peak_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    dtype_name = "bf16" if args.bf16 else "fp32"
     kind = "cuda" if dev.type == "cuda" else "cpu"
     for key, value in DEFAULTS[kind].items():
         if getattr(args, key.replace("-", "_"), None) is None:
@@ -463,8 +476,9 @@ def main() -> None:
     if kind == "cpu":
         torch.set_num_threads(default_threads)
         wait_for_quiet(args.quiet_threshold, args.max_wait)
-        peak_before = cpu_matmul_peak()
-        print(f"  fp32 matmul peak {peak_before['peak_flops'] / 1e9:.1f} GFLOP/s", flush=True)
+        peak_before = cpu_matmul_peak(dtype=peak_dtype)
+        print(f"  {dtype_name} matmul peak {peak_before['peak_flops'] / 1e9:.1f} GFLOP/s",
+              flush=True)  # fmt: skip
         device_name = machine()["cpu"]
     else:
         peak_value, device_name = gpu_peak(dev)
@@ -479,25 +493,26 @@ def main() -> None:
             if kind == "cpu":
                 quiet = wait_for_quiet(args.quiet_threshold, args.max_wait)
                 torch.set_num_threads(default_threads)
-                local = cpu_matmul_peak(sizes=(2048,), repeats=(5,))
+                local = cpu_matmul_peak(sizes=(2048,), repeats=(5,), dtype=peak_dtype)
                 torch.set_num_threads(n)
             results[key] = bench_size(size, args, data, vocab_size, dev, batch_sizes[size])
             results[key].update(threads=torch.get_num_threads(), quiet=quiet, local_peak=local)
     torch.set_num_threads(default_threads)
 
     if kind == "cpu":
-        peak_after = cpu_matmul_peak()
+        peak_after = cpu_matmul_peak(dtype=peak_dtype)
         one_thread = None
         if 1 in thread_list and default_threads > 1:
             torch.set_num_threads(1)
-            one_thread = cpu_matmul_peak(sizes=(2048,), repeats=(3,))
+            one_thread = cpu_matmul_peak(sizes=(2048,), repeats=(3,), dtype=peak_dtype)
             torch.set_num_threads(default_threads)
-            print(f"  fp32 matmul peak (1 thread) {one_thread['peak_flops'] / 1e9:.1f} GFLOP/s")
-        print(f"  fp32 matmul peak (after) {peak_after['peak_flops'] / 1e9:.1f} GFLOP/s")
+            print(f"  {dtype_name} matmul peak (1 thread) "
+                  f"{one_thread['peak_flops'] / 1e9:.1f} GFLOP/s")  # fmt: skip
+        print(f"  {dtype_name} matmul peak (after) {peak_after['peak_flops'] / 1e9:.1f} GFLOP/s")
         local_peaks = [r["local_peak"]["peak_flops"] for r in results.values()]
         peak = max(peak_before["peak_flops"], peak_after["peak_flops"], *local_peaks)
-        peak_info = {"kind": "measured fp32 torch.mm, all threads, best of the run (before, "
-                             "before each configuration, after)", "before": peak_before,
+        peak_info = {"kind": f"measured {dtype_name} torch.mm, all threads, best of the run "
+                             "(before, before each configuration, after)", "before": peak_before,
                      "after": peak_after, "peak_flops": peak,
                      "one_thread": one_thread}  # fmt: skip
     else:

@@ -291,6 +291,17 @@ def test_out_of_gpu_memory_names_the_settings_to_change(prepared, tmp_path, monk
         train(prepared.dataset.path, prepared.vocab, tmp_path, FAST, log=lambda _: None)
 
 
+def test_bf16_autocast_trains_on_cpu(prepared, tmp_path):
+    """bf16 is a config, not a GPU privilege: on CPU it autocasts the matmuls too, so the losses
+    move off the fp32 ones by bf16 rounding while the run still learns."""
+    runs = {bf16: train(prepared.dataset.path, prepared.vocab, tmp_path / str(bf16),
+                        replace(FAST, bf16=bf16), log=lambda _: None).history
+            for bf16 in (False, True)}  # fmt: skip
+    fp32, bf16 = ([h["loss"] for h in runs[key]] for key in (False, True))
+    assert fp32 != bf16 and bf16 == pytest.approx(fp32, rel=0.02)
+    assert bf16[-1] < bf16[0]
+
+
 def test_another_packing_is_another_run(monkeypatch):
     """The packing decides every batch: a run packed otherwise may not be continued."""
     key = FAST.run_key()
