@@ -215,7 +215,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
         bars=args.bars,
         seed=args.seed,
     )
-    pieces = generate_batch(model, tokenizer, [prompt] * args.samples, sampling, args.instruments)
+    total = args.bars * args.samples
+    with tqdm(total=total, desc="generate", unit="bar", disable=args.quiet) as bar:
+        pieces = generate_batch(
+            model,
+            tokenizer,
+            [prompt] * args.samples,
+            sampling,
+            args.instruments,
+            progress=lambda done: bar.update(done - bar.n),
+        )
     out = Path(args.output)
     for i, ids in enumerate(pieces, 1):
         path = out if args.samples == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
@@ -269,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--piano-roll", action="store_true", help="also write a piano-roll PNG")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("inspect", help="bars, chords and tokens of a MIDI file, readable")

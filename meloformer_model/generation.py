@@ -10,6 +10,7 @@ bar) — the same rules the model was trained with.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,9 +190,12 @@ def generate_batch(
     prompts: list[list[int]],
     config: SamplingConfig = SamplingConfig(),
     instruments: list[int] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[np.ndarray]:
     """Continue each prompt as ``generate`` does, side by side in one batch (a decoding step
-    reads the weights once for all of them): piece i samples with seed ``config.seed + i``."""
+    reads the weights once for all of them): piece i samples with seed ``config.seed + i``.
+    ``progress`` hears after each step how many of the ``config.bars`` x pieces bars are done
+    (a finished piece counts all of its own)."""
     model.eval()
     decoder = IncrementalDecoder(model, len(prompts))
     pieces = [_Piece(tokenizer, instruments, config.seed + i) for i in range(len(prompts))]
@@ -202,6 +206,8 @@ def generate_batch(
             prompt[t] if t < len(prompt) else piece.choose(logits[i], config, eos)
             for i, (piece, prompt) in enumerate(zip(pieces, prompts))
         ]
+        if progress:
+            progress(sum(piece.bars_done(config.bars) for piece in pieces))
         if all(piece.done for piece in pieces):
             return [np.asarray(piece.ids, dtype=np.int64) for piece in pieces]
         logits = decoder.step(*zip(*(piece.feed(token) for piece, token in zip(pieces, tokens))))
@@ -235,6 +241,14 @@ class _Piece:
             self.ids.append(token)
             self.done = True
         return token
+
+    def bars_done(self, bars: int) -> int:
+        """How many of its ``bars`` new bars this piece has completed."""
+        if self.done:
+            return bars
+        if self.target_bars is None:  # still reading its prompt
+            return 0
+        return max(0, bars - (self.target_bars - self.grammar.state.bars))
 
     def feed(self, token: int) -> tuple[int, ...]:
         """The decoder's input for ``token``: it and its side information from the tokenizer's

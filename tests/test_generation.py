@@ -167,6 +167,7 @@ def test_cli_generate(checkpoint, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert Score(str(out)).note_num() >= 0 and out.with_suffix(".png").exists()
+    assert "generate: 100%" in proc.stderr and "2/2 [" in proc.stderr  # the bars' progress bar
 
 
 def test_cli_generates_several_samples_side_by_side(checkpoint, tmp_path):
