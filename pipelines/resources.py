@@ -21,6 +21,7 @@ DATA_ROOT_ENV = "MELOFORMER_DATA_ROOT"
 PROFILE_ENV = "MELOFORMER_TRAIN_PROFILE"
 PROCESSES_ENV = "MELOFORMER_TRAIN_PROCESSES"
 STEPS_ENV = "MELOFORMER_TRAIN_STEPS"
+SIZE_ENV = "MELOFORMER_TRAIN_SIZE"
 
 
 class CorpusStorage(dg.ConfigurableResource):
@@ -62,26 +63,34 @@ def storage_from_env() -> CorpusStorage:
 
 
 class TrainingSettings(dg.ConfigurableResource):
-    """Which hardware profile trains, on how many processes, and how much evaluation to do."""
+    """Which hardware profile trains which model size (default: the profile's), on how many
+    processes, and how much evaluation to do."""
 
     profile: str = "cpu"
+    size: str = ""
     processes: int = 1
     max_steps: int = 0
     eval_pieces: int = 4
     eval_bars: int = 6
 
     def config(self) -> "TrainConfig":
-        from meloformer_model.training.trainer import PROFILES  # torch: only when training
+        from meloformer_model.model import MODEL_SIZES  # torch: only when training
+        from meloformer_model.training.trainer import PROFILES
 
         if self.profile not in PROFILES:
             raise ValueError(f"unknown training profile {self.profile!r}: {sorted(PROFILES)}")
+        if self.size and self.size not in MODEL_SIZES:
+            raise ValueError(f"unknown model size {self.size!r}: {list(MODEL_SIZES)}")
         config = PROFILES[self.profile]
+        if self.size:
+            config = replace(config, size=self.size)
         return replace(config, max_steps=self.max_steps) if self.max_steps else config
 
 
 def training_from_env() -> TrainingSettings:
     return TrainingSettings(
         profile=os.environ.get(PROFILE_ENV, "cpu"),
+        size=os.environ.get(SIZE_ENV, ""),
         processes=int(os.environ.get(PROCESSES_ENV, "1")),
         max_steps=int(os.environ.get(STEPS_ENV, "0")),
     )

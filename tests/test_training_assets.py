@@ -74,6 +74,24 @@ def test_training_refuses_a_dataset_whose_checks_did_not_run(tmp_path, sample_fi
     assert "arrow_dataset checks not passed" in failure
 
 
+def test_training_settings_pick_profile_size_and_steps():
+    """The profile gives the hardware recipe; a size picks another model under it (the upstream
+    trained small and large at 8192 tokens), which is another run; bad names are refused."""
+    large = TrainingSettings(profile="h100").config()
+    small = TrainingSettings(profile="h100", size="small", max_steps=10).config()
+    assert (large.size, small.size, small.max_steps) == ("large", "small", 10)
+    assert (small.seq_len, small.batch_size, small.lr) == (
+        large.seq_len,
+        large.batch_size,
+        large.lr,
+    )
+    assert small.run_key() != replace(large, max_steps=10).run_key()
+    with pytest.raises(ValueError, match=r"unknown model size 'medium': \['tiny', 'small'"):
+        TrainingSettings(size="medium").config()
+    with pytest.raises(ValueError, match="unknown training profile 'a100'"):
+        TrainingSettings(profile="a100").config()
+
+
 def test_training_and_evaluation_on_a_checked_dataset(checked):
     storage, instance, version = checked
     settings = TrainingSettings(max_steps=3, eval_pieces=1, eval_bars=1)
