@@ -30,8 +30,8 @@ FLOPs per token (no recomputation counted, so gradient checkpointing does not in
 Utilisation = tokens/s x FLOPs/token / peak. CPU peak: ``torch.mm`` of square matrices
 (2048, 4096) in the run's dtype (fp32; bf16 with ``--bf16 1``, which autocasts the step as the
 trainer's ``bf16`` does), all threads, best of several, measured in the same run before and
-after the models (the better figure is used). GPU peak: bf16 dense datasheet peak (H100/H800/H200 SXM:
-989 TFLOP/s).
+after the models (the better figure is used). GPU peak: bf16 dense datasheet peak
+(H100/H800/H200 SXM: 989 TFLOP/s).
 
 Load (CPU): before each configuration the script waits (``--max-wait``) until other processes
 use less than ``--quiet-threshold`` of the CPUs over a short window, measures the matmul peak
