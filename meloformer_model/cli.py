@@ -233,6 +233,40 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"{len(ids)} tokens, {notes} notes in {tracks} tracks -> {path}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train (or resume) a run outside Dagster; under ``torchrun`` every process runs this."""
+    import torch
+    import torch.distributed as dist
+
+    from meloformer_model.training.trainer import profile_config, setup_distributed, train
+
+    bf16 = None if args.bf16 is None else bool(args.bf16)
+    try:
+        config = profile_config(args.profile, args.size, max_steps=args.max_steps, bf16=bf16)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    dataset = Path(args.dataset)
+    if not (dataset / "dataset_dict.json").is_file():
+        raise CliError(f"{dataset}: not an Arrow dataset version folder (no dataset_dict.json)")
+    try:
+        vocab = Vocabulary.load(args.vocab)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CliError(f"{args.vocab}: not a vocabulary ({exc})") from exc
+    setup_distributed()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    try:
+        result = train(dataset, vocab, Path(args.out), config, device=args.device,
+                       log=print if rank == 0 else lambda _: None)  # fmt: skip
+    except (ValueError, FloatingPointError, torch.cuda.OutOfMemoryError) as exc:
+        raise CliError(str(exc)) from exc
+    if rank == 0:
+        val = [h["val_loss"] for h in result.history if "val_loss" in h]
+        val_loss = f"{val[-1]:.4f}" if val else "not evaluated"
+        print(f"{result.history[-1]['step']} steps, validation loss {val_loss}, "
+              f"{result.tokens_per_second:,.0f} tokens/s, MFU {result.mfu:.1%}; checkpoint "
+              f"{result.checkpoint}, best {result.best}")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meloformer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -280,6 +314,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--piano-roll", action="store_true", help="also write a piano-roll PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("train", help="train or resume a run on an Arrow dataset (torchrun: DDP)")
+    p.add_argument("dataset", help="an Arrow dataset version folder (arrow_dataset/.../VERSION)")
+    p.add_argument("--vocab", required=True, help="its vocab.json")
+    p.add_argument("--out", required=True, help="the run's folder (checkpoints, summary.json)")
+    p.add_argument("--profile", default="cpu", help="hardware profile: cpu, h100, h800")
+    p.add_argument("--size", help="model size (default: the profile's)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: the profile's)")
+    p.add_argument(
+        "--bf16", type=int, choices=(0, 1), help="bf16 autocast (default: the profile's)"
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when there is one)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("inspect", help="bars, chords and tokens of a MIDI file, readable")
     p.add_argument("file")

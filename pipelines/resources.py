@@ -1,7 +1,6 @@
 """Where the corpus is read from and where artifacts are written."""
 
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,17 +73,9 @@ class TrainingSettings(dg.ConfigurableResource):
     eval_bars: int = 6
 
     def config(self) -> "TrainConfig":
-        from meloformer_model.model import MODEL_SIZES  # torch: only when training
-        from meloformer_model.training.trainer import PROFILES
+        from meloformer_model.training.trainer import profile_config  # torch: only when training
 
-        if self.profile not in PROFILES:
-            raise ValueError(f"unknown training profile {self.profile!r}: {sorted(PROFILES)}")
-        if self.size and self.size not in MODEL_SIZES:
-            raise ValueError(f"unknown model size {self.size!r}: {list(MODEL_SIZES)}")
-        config = PROFILES[self.profile]
-        if self.size:
-            config = replace(config, size=self.size)
-        return replace(config, max_steps=self.max_steps) if self.max_steps else config
+        return profile_config(self.profile, self.size, max_steps=self.max_steps or None)
 
 
 def training_from_env() -> TrainingSettings:

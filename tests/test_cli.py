@@ -112,3 +112,30 @@ def test_prepare_streams_in_chunks_with_the_same_result(tmp_path, sample_files, 
     ids = tokens["ids"].explode().to_numpy()
     assert vocab.counts.sum() == len(ids) == tokens["length"].sum()
     assert (vocab.counts == Vocabulary.load(whole / "vocab.json").counts).all()
+
+
+def test_train_runs_resumes_and_refuses_another_config_in_its_folder(prepared, tmp_path):
+    """``meloformer train`` outside Dagster: a short run writes its checkpoint and figures;
+    asked again it returns the finished run; another size into the same folder, a folder that
+    is not a dataset and an unknown profile each stop with one line naming the cause."""
+    dataset, vocab, out = prepared.dataset.path, prepared.vocab_path, tmp_path / "run"
+    args = ("train", dataset, "--vocab", vocab, "--out", out, "--max-steps", "2")
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    last = first.stdout.strip().splitlines()[-1]
+    assert last.startswith("2 steps, validation loss ") and "tokens/s" in last
+    assert last.endswith(f"checkpoint {out / 'step-0000002'}, best {out / 'step-0000002'}")
+    again = run_cli(*args)
+    assert again.returncode == 0 and "finished its 2 steps" in again.stdout
+    for bad, cause in (
+        (("--size", "small"), "holds another run (size 'tiny' → 'small')"),
+        (("--profile", "a100"), "unknown training profile 'a100'"),
+    ):
+        proc = run_cli(*args, *bad)
+        assert proc.returncode == 1 and cause in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli("train", tmp_path, "--vocab", vocab, "--out", out)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"meloformer train: {tmp_path}: not an Arrow dataset version folder (no dataset_dict.json)"
+    )

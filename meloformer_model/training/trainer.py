@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import datasets
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from meloformer_model.atomic import write_bytes_atomic
 from meloformer_model.model import (
+    MODEL_SIZES,
     MeloFormer,
     backend_for,
     build_masks,
@@ -126,6 +127,18 @@ PROFILES: dict[str, TrainConfig] = {
                         warmup_steps=2000, max_steps=100_000, eval_every=2000,
                         checkpoint_every=2000, bf16=True, compile_blocks=True),
 }  # fmt: skip
+
+
+def profile_config(profile: str, size: str | None = None, **changes) -> TrainConfig:
+    """A hardware profile's config, with another model size or other fields (None keeps the
+    profile's); unknown profiles and sizes are refused by name."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown training profile {profile!r}: {sorted(PROFILES)}")
+    if size and size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {size!r}: {list(MODEL_SIZES)}")
+    changes = {name: value for name, value in {"size": size or None, **changes}.items()
+               if value is not None}  # fmt: skip
+    return replace(PROFILES[profile], **changes)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
