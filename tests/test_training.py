@@ -15,7 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from meloformer_model.model import MeloFormer, model_config, regular_stream, summary_stream
+from meloformer_model.model import (
+    MODEL_SIZES,
+    MeloFormer,
+    model_config,
+    regular_stream,
+    summary_stream,
+)
 from meloformer_model.training import trainer
 from meloformer_model.training.checkpoint import best_checkpoint, load_model, tokenizer_config
 from meloformer_model.training.data import IGNORE, PackedLoader, pack, windows
@@ -340,4 +346,9 @@ def test_ddp_two_processes_agree_on_weights(prepared, tmp_path):
     assert digests[0]["step"] == digests[1]["step"] == 3
     # 2 micro-batches a step, gradients all-reduced once a step (DDP's no_sync for the first)
     assert digests[0]["allreduce_rounds"] == digests[1]["allreduce_rounds"] == 3
+    # utilisation: both processes' tokens against both processes' peaks (1e12 each, patched)
+    tiny = MODEL_SIZES["tiny"]
+    per_token = 6 * digests[0]["parameters"] + 6 * tiny["n_layer"] * tiny["n_embd"] * 128
+    expected = digests[0]["tokens_per_second"] * per_token / (2 * 1e12)
+    assert digests[0]["mfu"] == pytest.approx(expected, rel=1e-9)
     assert np.isfinite(digests[0]["loss"])

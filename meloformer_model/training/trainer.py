@@ -416,13 +416,15 @@ def train(
     # PaLM-style count: 6 N per token plus causal attention 6 L C T (no recomputation counted)
     per_token = 6 * params + 6 * model_cfg.n_layer * model_cfg.n_embd * config.seq_len
     flops = per_token * tokens_per_second
+    # the tokens are every process's, so is the peak
+    peak = peak_flops(dev, torch.bfloat16 if config.bf16 else torch.float32) * world
     result = TrainResult(
         model=model,
         checkpoint=last_saved or checkpoints(out_dir)[-1],
         best=best_checkpoint(out_dir) or checkpoints(out_dir)[-1],
         history=history,
         tokens_per_second=tokens_per_second,
-        mfu=flops / peak_flops(dev) if peak_flops(dev) else 0.0,
+        mfu=flops / peak if peak else 0.0,
         peak_memory_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0,
         wall_seconds=wall,
         parameters=params,
@@ -530,16 +532,17 @@ def _save(out_dir, model, optimizer, configs, state, record, keep_last) -> Path:
 
 
 @functools.cache
-def peak_flops(device: torch.device) -> float:
-    """Peak FLOP/s for the utilisation figure: dense bf16 peak of known GPUs; on CPU, fp32
-    matmul throughput measured here and now (the CPU has no datasheet figure we can trust)."""
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """Peak FLOP/s of one device for the utilisation figure: dense bf16 peak of known GPUs; on
+    CPU, matmul throughput in the run's dtype measured here and now (the CPU has no datasheet
+    figure we can trust, and bf16 runs at another rate than fp32)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, value in (("H100", 989e12), ("H800", 989e12), ("H200", 989e12), ("A100", 312e12)):
             if key in name:
                 return value
         return 0.0
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()
