@@ -344,6 +344,7 @@ def test_ddp_two_processes_agree_on_weights(prepared, tmp_path):
     digests = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert digests[0]["weights"] == digests[1]["weights"]
     assert digests[0]["step"] == digests[1]["step"] == 3
+    assert digests[0]["loss"] == digests[1]["loss"]  # the step loss over both processes' tokens
     # 2 micro-batches a step, gradients all-reduced once a step (DDP's no_sync for the first)
     assert digests[0]["allreduce_rounds"] == digests[1]["allreduce_rounds"] == 3
     # utilisation: both processes' tokens against both processes' peaks (1e12 each, patched)

@@ -377,6 +377,8 @@ def train(
             raise torch.cuda.OutOfMemoryError(
                 _out_of_memory(out_dir, state["step"] + 1, config)
             ) from error
+        if world > 1:  # every process's loss, so all report (and judge) the same step loss
+            dist.all_reduce(total)
         total = float(total)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip))
         if not (math.isfinite(total) and math.isfinite(grad_norm)):  # before the weights move
@@ -392,7 +394,7 @@ def train(
         seconds = time.perf_counter() - step_started
         state["step_seconds"] += seconds
         state["step"] += 1
-        record = {"step": state["step"], "loss": total * world / targets, "lr": lr,
+        record = {"step": state["step"], "loss": total / targets, "lr": lr,
                   "grad_norm": grad_norm, "tokens": step_tokens * world,
                   "seconds": seconds}  # fmt: skip
         if state["step"] % config.eval_every == 0 or state["step"] == end:
