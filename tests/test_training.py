@@ -66,6 +66,22 @@ def test_packed_batches_keep_documents_apart(prepared):
         assert (batch.doc[r, at:] == -1).all() and (batch.targets[r, at:] == IGNORE).all()
 
 
+def test_ddp_processes_get_as_many_batches_and_different_rows(prepared):
+    """Each process trains on every world-th batch of one plan, and as many batches as the
+    others, so the data position rank 0 saves is every process's (a resumed DDP run)."""
+    import datasets
+
+    data = datasets.load_from_disk(str(prepared.dataset.path))["train"]
+    alone = PackedLoader(data, batch_size=4, seq_len=256, seed=1).plan(0)
+    plans = [PackedLoader(data, batch_size=4, seq_len=256, seed=1, rank=r, world=3).plan(0)
+             for r in range(3)]  # fmt: skip
+    assert len(alone) % 3 != 0, "pick sizes whose batch count does not divide by 3"
+    assert [len(p) for p in plans] == [len(alone) // 3] * 3
+    assert [b for i in range(len(plans[0])) for b in (p[i] for p in plans)] == alone[
+        : 3 * len(plans[0])
+    ]
+
+
 def test_best_fit_packing_places_every_window_once_with_little_padding(prepared):
     """Each window lands in exactly one row, no row overflows, and on the sample corpus under 2 %
     of the row tokens are padding (packing rows in order, closing each when the next window does

@@ -120,7 +120,10 @@ class PackedLoader:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(pieces))
             pieces = pieces[order]
         rows = pack(pieces, self.seq_len)
-        n = len(rows) // self.batch_size if self.shuffle else -(-len(rows) // self.batch_size)
+        if self.shuffle:  # whole batches, as many for every process: their positions agree
+            n = len(rows) // self.batch_size // self.world * self.world
+        else:  # validation: every row, the last batch short
+            n = -(-len(rows) // self.batch_size)
         batches = [rows[i * self.batch_size : (i + 1) * self.batch_size] for i in range(n)]
         return batches[self.rank :: self.world]
 
