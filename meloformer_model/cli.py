@@ -191,11 +191,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         write_outputs,
     )
     from meloformer_model.training.checkpoint import load_model, tokenizer_config
+    from meloformer_model.training.trainer import device_for
 
     if args.samples < 1:
         raise CliError(f"--samples {args.samples}: ask for at least one piece")
     try:
-        model, configs = load_model(Path(args.checkpoint))
+        model, configs = load_model(Path(args.checkpoint), device_for(args.device))
     except (OSError, KeyError, ValueError) as exc:
         raise CliError(f"{args.checkpoint}: not a MeloFormer checkpoint ({exc})") from exc
     tokenizer = HIDTokenizer(tokenizer_config(configs))
@@ -312,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--piano-roll", action="store_true", help="also write a piano-roll PNG")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when there is one)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 

@@ -134,6 +134,9 @@ class Grammar:
 
 
 def _sample(logits: torch.Tensor, allowed: np.ndarray, config: SamplingConfig, gen) -> int:
+    """One token from the allowed ones; on the CPU with the piece's CPU generator, wherever the
+    model runs, so a seed gives the same choices from the same logits on any device."""
+    logits = logits.float().cpu()
     masked = torch.full_like(logits, float("-inf"))
     index = torch.as_tensor(allowed, dtype=torch.long)
     masked[index] = logits[index].float() / max(config.temperature, 1e-5)
