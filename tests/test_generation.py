@@ -141,6 +141,9 @@ def test_evaluation_report_files_contain_the_figures(checkpoint, prepared, tmp_p
     assert len(ev.samples) == 2 and all(p.exists() for p in ev.samples)
     assert all(p.exists() and p.stat().st_size > 5000 for p in ev.figures)
     assert "pitch" in summary["validation"]["families"]
+    # the report's validation pass is the trainer's: the same loss for the same checkpoint
+    trained = json.loads((checkpoint / "state.json").read_text())["history"][-1]["val_loss"]
+    assert summary["validation"]["loss"] == pytest.approx(trained, rel=1e-5)
 
 
 def test_cli_generate(checkpoint, tmp_path):

@@ -25,25 +25,29 @@ from meloformer_model.tokenizer.hid import HIDTokenizer
 from meloformer_model.tokenizer.vocab import FAMILIES, Vocabulary
 from meloformer_model.training.checkpoint import load_model, tokenizer_config
 from meloformer_model.training.data import IGNORE, PackedLoader
-from meloformer_model.training.trainer import unigram_loss
+from meloformer_model.training.trainer import device_for, unigram_loss
 
 
 @torch.no_grad()
-def family_perplexity(model, loader: PackedLoader, vocab: Vocabulary) -> dict:
-    """Per-token perplexity overall and per family of the *target* token."""
+def family_perplexity(model, loader: PackedLoader, vocab: Vocabulary, bf16: bool = False) -> dict:
+    """Per-token perplexity overall and per family of the *target* token, on the model's
+    device (``bf16``: under bf16 autocast, as the model trained)."""
     model.eval()
+    device = model.embed.weight.device
     loss_sum = np.zeros(len(FAMILIES))
     count = np.zeros(len(FAMILIES))
     for _, batch in loader.epoch(0):
-        masks = build_masks(model.config, regular_stream(*batch.side), batch.summary_width)
-        logits = model(batch.ids, masks)
         targets = batch.targets.flatten()
         keep = targets != IGNORE
-        losses = F.cross_entropy(
-            logits.flatten(0, 1)[keep].float(), targets[keep], reduction="none"
-        )
+        batch = batch.to(device)
+        masks = build_masks(model.config, regular_stream(*batch.side), batch.summary_width)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(batch.ids, masks)
+        on_device = keep.to(device)
+        losses = F.cross_entropy(logits.flatten(0, 1)[on_device].float(),
+                                 batch.targets.flatten()[on_device], reduction="none")  # fmt: skip
         families = vocab.family_of(targets[keep].numpy())
-        np.add.at(loss_sum, families, losses.numpy())
+        np.add.at(loss_sum, families, losses.cpu().numpy())
         np.add.at(count, families, 1)
     total = loss_sum.sum() / max(count.sum(), 1)
     per_family = {
@@ -88,16 +92,21 @@ def evaluate_checkpoint(
     prompt_bars: int = 2,
     bars: int = 6,
     sampling: SamplingConfig | None = None,
+    device: str | None = None,
 ) -> Evaluation:
-    """Everything the report shows, written under ``out_dir``."""
+    """Everything the report shows, written under ``out_dir``; the model runs on ``device``
+    (default: the GPU when there is one: a large model's validation pass is GPU work)."""
     sampling = sampling or SamplingConfig(top_k=32, max_tokens=1500)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, configs = load_model(checkpoint)
+    model, configs = load_model(checkpoint, device_for(device))
     tokenizer = HIDTokenizer(tokenizer_config(configs))
     data = datasets.load_from_disk(str(dataset_path))
-    seq_len = configs["train"]["seq_len"]
+    train = configs["train"]
     validation = family_perplexity(
-        model, PackedLoader(data["valid"], 4, seq_len, shuffle=False), vocab
+        model,
+        PackedLoader(data["valid"], train["batch_size"], train["seq_len"], shuffle=False),
+        vocab,
+        bf16=train["bf16"],
     )
     held_out = data["test"] if len(data["test"]) else data["valid"]
     real_scores, gen_scores, figures, samples = [], [], [], []
