@@ -1,9 +1,9 @@
 """Training runs and evaluation reports, one partition per dataset version.
 
 ``trained_model`` refuses a dataset whose blocking checks did not all pass, holds the ``gpu``
-pool (one training per GPU), and runs in-process on one device or under ``torchrun`` through
-Dagster Pipes for several; either way the loss curve, throughput, utilisation, memory and the
-checkpoint path come back as metadata. A run already finished with the same config on the same
+pool (one training or evaluation per GPU: ``evaluation_report`` holds it too), and runs
+in-process on one device or under ``torchrun`` through Dagster Pipes for several; either way
+the loss curve, throughput, utilisation, memory and the checkpoint path come back as metadata. A run already finished with the same config on the same
 dataset version is not trained again: its saved figures are reported, marked as reused. Each
 config trains in its own folder (``TrainConfig.run_key``), so a changed config is a new run
 beside the old one, never a resumption of it.
@@ -153,6 +153,7 @@ def trained_model(
 @dg.asset(
     deps=[trained_model],
     partitions_def=dataset_versions,
+    pool="gpu",  # its validation pass and generation run on the GPU when there is one
     code_version=TRAINING_CODE_VERSION,
     group_name="training",
     description="Perplexity per token family, generated vs held-out music, piano rolls, samples.",

@@ -43,7 +43,7 @@ def test_jobs_sensors_schedule():
 def test_training_holds_the_gpu_pool_and_waits_for_checks():
     graph = defs.resolve_asset_graph()
     node = graph.get(dg.AssetKey("trained_model"))
-    assert node.pools == {"gpu"}
+    assert node.pools == graph.get(dg.AssetKey("evaluation_report")).pools == {"gpu"}
     labels = [op.label for op in node.automation_condition.operands]
     assert labels == ["eager", "all_deps_blocking_checks_passed"]
 
