@@ -3,10 +3,11 @@
 ``trained_model`` refuses a dataset whose blocking checks did not all pass, holds the ``gpu``
 pool (one training or evaluation per GPU: ``evaluation_report`` holds it too), and runs
 in-process on one device or under ``torchrun`` through Dagster Pipes for several; either way
-the loss curve, throughput, utilisation, memory and the checkpoint path come back as metadata. A run already finished with the same config on the same
-dataset version is not trained again: its saved figures are reported, marked as reused. Each
-config trains in its own folder (``TrainConfig.run_key``), so a changed config is a new run
-beside the old one, never a resumption of it.
+the loss curve, throughput, utilisation, memory and the checkpoint path come back as metadata.
+A run already finished with the same config on the same dataset version is not trained again:
+its saved figures are reported, marked as reused. Each config trains in its own folder
+(``TrainConfig.run_key``), so a changed config is a new run beside the old one, never a
+resumption of it.
 """
 
 import json
