@@ -23,7 +23,7 @@ from meloformer_model.tokenizer.vocab import Vocabulary
 from pipelines.resources import CorpusStorage, TrainingSettings
 
 dataset_versions = dg.DynamicPartitionsDefinition(name="dataset_versions")
-TRAINING_CODE_VERSION = "2"
+TRAINING_CODE_VERSION = "3"
 
 
 def dataset_path(storage: CorpusStorage, version: str) -> Path:
