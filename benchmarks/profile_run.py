@@ -6,7 +6,8 @@ evaluation and checkpoints inside, on a prepared dataset. It reports the loss, v
 loss, tokens/s and MFU as the trainer counts them, the peak memory, and torch._dynamo's
 counters once evaluation has run too: with compiled blocks, training and evaluation compile
 their own graphs, and dynamo keeps ``recompile_limit`` (8) per code object before running further
-shapes eagerly.
+shapes eagerly. Then the evaluation report's pass over the final checkpoint (validation, one
+generated piece) on the same device, its loss against the trainer's.
 
     python benchmarks/profile_run.py --dataset DIR --vocab FILE [--profile h100] [--steps 8]
 """
@@ -50,9 +51,11 @@ def main() -> None:
     print(f"{device}: torch {torch.__version__}; profile {name} cut to {args.steps} steps of "
           f"{config.grad_accum} x {config.batch_size} x {config.seq_len} tokens")  # fmt: skip
     started = time.perf_counter()
+    vocab = Vocabulary.load(args.vocab)
     with tempfile.TemporaryDirectory(prefix="profile-run-") as out:
-        result = train(Path(args.dataset), Vocabulary.load(args.vocab), Path(out), config)
+        result = train(Path(args.dataset), vocab, Path(out), config)
         saved = sorted(p.name for p in Path(out).glob("step-*"))
+        evaluation = _evaluation(result, Path(args.dataset), vocab, Path(out) / "evaluation")
     counters = dynamo_stats()
     graphs = counters.get("stats", {}).get("unique_graphs", 0)
     history = result.history
@@ -70,6 +73,7 @@ def main() -> None:
     limit = torch._dynamo.config.recompile_limit
     print(f"dynamo: {graphs} graphs in all (limit {limit} per code object); recompiles "
           f"{counters.get('recompiles', {})}")  # fmt: skip
+    print(f"evaluation report on the final checkpoint: {evaluation}")
     path = write_result(args.name or f"profile-run-{name}", {
         "benchmark": "profile_run",
         "device_name": device,
@@ -86,9 +90,27 @@ def main() -> None:
         "wall_seconds": result.wall_seconds,
         "checkpoints": saved,
         "dynamo_counters": counters,
+        "evaluation": evaluation,
         "total_s": time.perf_counter() - started,
     })  # fmt: skip
     print(f"wrote {path}")
+
+
+def _evaluation(result, dataset: Path, vocab: Vocabulary, out: Path) -> dict:
+    """The evaluation report's pass over the final checkpoint on this device (one generated
+    piece of 2 bars): its validation loss against the trainer's, and its time. A failure (say,
+    a plotting dependency missing on a bare GPU machine) is reported, not raised."""
+    started = time.perf_counter()
+    try:
+        from meloformer_model.evaluation.report import evaluate_checkpoint
+
+        report = evaluate_checkpoint(result.checkpoint, dataset, vocab, out, pieces=1, bars=2)
+    except Exception as error:  # noqa: BLE001
+        return {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    trained = [h["val_loss"] for h in result.history if "val_loss" in h][-1]
+    return {"validation_loss": float(report.summary["validation"]["loss"]),
+            "trainer_validation_loss": trained,
+            "seconds": time.perf_counter() - started}  # fmt: skip
 
 
 if __name__ == "__main__":
