@@ -79,7 +79,7 @@ for s in "${stages[@]}"; do
     trainer)
         # the real train() under PROFILES["h100"] (8 micro-batches a step, so the host runs ahead
         # of the GPU), a few steps with evaluation and checkpoints
-        stage trainer 240 "$py" benchmarks/profile_run.py --steps 8 --grad-accum 8 \
+        stage trainer 300 "$py" benchmarks/profile_run.py --steps 8 --grad-accum 8 \
             --name "profile-run-$gpu" "${data[@]}"
         ;;
     eager)
