@@ -489,3 +489,33 @@ def test_flex_backend_agrees_with_dense(pieces):
         got = flex_model(ids, build_masks(flex_model.config, packed))
     real = packed.doc >= 0
     torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_equal_eager_and_compile_once_on_cpu(prepared):
+    """What the GPU profiles run, forward on the CPU (flex has no CPU backward): compiled blocks
+    give the eager logits on real packed batches, and a second and third batch of the same
+    shapes compile nothing new (the masks, layout and rotary tables are data)."""
+    import datasets
+    from torch._dynamo.utils import counters
+
+    from meloformer_model.training.data import PackedLoader
+
+    split = datasets.load_from_disk(str(prepared.dataset.path))["train"]
+    loader = PackedLoader(split, batch_size=2, seq_len=512, seed=0)
+    config = model_config("tiny", len(prepared.vocab), backend="flex")
+    torch.manual_seed(0)
+    eager = MeloFormer(config).eval()
+    compiled = MeloFormer(config).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_blocks()
+    graphs = []
+    for rows in loader.plan(0)[:3]:
+        batch = loader.make(rows)
+        assert batch.summary_width == 64  # one shape for all three
+        masks = build_masks(config, regular_stream(*batch.side), batch.summary_width)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(batch.ids, masks), eager(batch.ids, masks),
+                                       rtol=1e-4, atol=1e-4)  # fmt: skip
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1] == graphs[2] == graphs[0]
