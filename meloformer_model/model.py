@@ -235,12 +235,17 @@ def _bar_keys(doc: torch.Tensor, bar: torch.Tensor):
     return key, order, real, first
 
 
+def _width(first: torch.Tensor) -> int:
+    """The padded summary width for rows whose new (document, bar) starts are ``first``."""
+    return summary_width(max(1, int(first.sum(1).max())))
+
+
 def batch_summary_width(doc: torch.Tensor, bar: torch.Tensor) -> int:
     """The summary stream's width for these rows (B, T): ``summary_stream``'s own, computed
     wherever the tensors are. The trainer computes it on the host batch, so building a GPU
     batch's masks reads nothing back from the device and the host can queue the next
     micro-batch while the GPU runs this one."""
-    return summary_width(max(1, int(_bar_keys(doc, bar)[3].sum(1).max())))
+    return _width(_bar_keys(doc, bar)[3])
 
 
 def summary_stream(regular: Stream, width: int | None = None) -> Stream:
@@ -250,7 +255,7 @@ def summary_stream(regular: Stream, width: int | None = None) -> Stream:
     batch = regular.doc.shape[0]
     key, order, real, first = _bar_keys(regular.doc, regular.bar)
     if width is None:
-        width = summary_width(max(1, int(first.sum(1).max())))
+        width = _width(first)
     slot = torch.where(real, torch.cumsum(first, 1) - 1, width)  # padding -> a spare column
     spare = torch.full((batch, width + 1), -1, dtype=torch.long, device=key.device)
     keys = spare.scatter(1, slot, torch.where(real, key, -1))[:, :width]
