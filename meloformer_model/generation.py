@@ -134,12 +134,11 @@ class Grammar:
 
 
 def _sample(logits: torch.Tensor, allowed: np.ndarray, config: SamplingConfig, gen) -> int:
-    """One token from the allowed ones; on the CPU with the piece's CPU generator, wherever the
-    model runs, so a seed gives the same choices from the same logits on any device."""
-    logits = logits.float().cpu()
+    """One token from the allowed ones: ``logits`` (V,) float on the CPU, where the piece's
+    generator lives, so a seed gives the same choices from the same logits on any device."""
     masked = torch.full_like(logits, float("-inf"))
     index = torch.as_tensor(allowed, dtype=torch.long)
-    masked[index] = logits[index].float() / max(config.temperature, 1e-5)
+    masked[index] = logits[index] / max(config.temperature, 1e-5)
     if config.top_k and config.top_k < len(allowed):
         kth = torch.topk(masked, config.top_k).values[-1]
         masked[masked < kth] = float("-inf")
@@ -214,6 +213,7 @@ def generate_batch(
         if all(piece.done for piece in pieces):
             return [np.asarray(piece.ids, dtype=np.int64) for piece in pieces]
         logits = decoder.step(*zip(*(piece.feed(token) for piece, token in zip(pieces, tokens))))
+        logits = logits.float().cpu()  # one copy a step for every piece's sampling
 
 
 class _Piece:
