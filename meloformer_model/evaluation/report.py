@@ -37,16 +37,16 @@ def family_perplexity(model, loader: PackedLoader, vocab: Vocabulary, bf16: bool
     loss_sum = np.zeros(len(FAMILIES))
     count = np.zeros(len(FAMILIES))
     for _, batch in loader.epoch(0):
-        targets = batch.targets.flatten()
-        keep = targets != IGNORE
         batch = batch.to(device)
         masks = build_masks(model.config, regular_stream(*batch.side), batch.summary_width)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(batch.ids, masks)
-        on_device = keep.to(device)
-        losses = F.cross_entropy(logits.flatten(0, 1)[on_device].float(),
-                                 batch.targets.flatten()[on_device], reduction="none")  # fmt: skip
-        families = vocab.family_of(targets[keep].numpy())
+        targets = batch.targets.flatten()
+        keep = targets != IGNORE
+        losses = F.cross_entropy(
+            logits.flatten(0, 1)[keep].float(), targets[keep], reduction="none"
+        )
+        families = vocab.family_of(targets[keep].cpu().numpy())
         np.add.at(loss_sum, families, losses.cpu().numpy())
         np.add.at(count, families, 1)
     total = loss_sum.sum() / max(count.sum(), 1)
