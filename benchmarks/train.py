@@ -88,15 +88,26 @@ from meloformer_model.model import (  # noqa: E402
 from meloformer_model.paths import SAMPLE_CORPUS_DIR  # noqa: E402
 from meloformer_model.tokenizer.vocab import Vocabulary  # noqa: E402
 from meloformer_model.training.data import PackedLoader  # noqa: E402
-from meloformer_model.training.trainer import PROFILES, adamw, forward_loss  # noqa: E402
+from meloformer_model.training.trainer import (  # noqa: E402
+    GPU_BF16_PEAK,
+    PROFILES,
+    adamw,
+    forward_loss,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_ROOT = ROOT / "build" / "bench_data"
 UPSTREAM_TOKENS_PER_S = {"large": 816.0, "small": 10_000.0}  # H800, 8192-token rows
 UPSTREAM_DEVICE = "H800"
-GPU_BF16_PEAK = {"H100": 989e12, "H800": 989e12, "H200": 989e12, "A100": 312e12}
 GOAL_MFU = 0.35
 PHASES = ("summarize", "update")
+SWITCHES = {
+    "checkpointing": "override gradient checkpointing (GPU default on, CPU off)",
+    "bf16": "bf16 autocast (default: on GPU, off on CPU; on CPU the utilisation is then against "
+    "a bf16 matmul peak)",
+    "compile": "override compiled blocks (flex backend, GPU; default: the h100 profile's on GPU, "
+    "off on CPU)",
+}
 GOAL_SIZE, GOAL_LENGTH = "large", 8192
 DEFAULTS = {
     "cpu": dict(sizes=["tiny", "small"], seq_len=1024, batch_size=4, warmup=1, steps=4),
@@ -292,7 +303,8 @@ def bench_size(size: str, args, data, vocab_size: int, dev: torch.device, batch_
     if args.profile:
         kernels = kernel_profile(lambda: step(batches[args.warmup]), dev)
         shape = (batch_size, config.n_head, args.seq_len, config.head_dim)
-        masks = build_masks(config, regular_stream(*batches[args.warmup].to(dev).side))
+        profiled = batches[args.warmup].to(dev)
+        masks = build_masks(config, regular_stream(*profiled.side), profiled.summary_width)
         kernels["attention"] = attention_comparison(kernels, config, masks, shape, dev)
 
     # mask build alone (it is part of every step: forward_loss builds the masks)
@@ -301,7 +313,7 @@ def bench_size(size: str, args, data, vocab_size: int, dev: torch.device, batch_
         b = batch.to(dev)
         sync(dev)
         start = time.perf_counter()
-        build_masks(config, regular_stream(*b.side))
+        build_masks(config, regular_stream(*b.side), b.summary_width)  # as the trainer does
         sync(dev)
         mask_s.append(time.perf_counter() - start)
 
@@ -378,29 +390,8 @@ def main() -> None:
         default=None,
         help="torch thread counts to measure (CPU default: all cores, then 1)",
     )
-    parser.add_argument(
-        "--checkpointing",
-        type=int,
-        choices=(0, 1),
-        default=None,
-        help="override gradient checkpointing (GPU default on, CPU off)",
-    )
-    parser.add_argument(
-        "--bf16",
-        type=int,
-        choices=(0, 1),
-        default=None,
-        help="bf16 autocast (default: on GPU, off on CPU; on CPU the utilisation is then against "
-        "a bf16 matmul peak)",
-    )
-    parser.add_argument(
-        "--compile",
-        type=int,
-        choices=(0, 1),
-        default=None,
-        help="override compiled blocks (flex backend, GPU; default: the h100 profile's on GPU, "
-        "off on CPU)",
-    )
+    for switch, help_text in SWITCHES.items():  # 0 or 1; absent: the device's default
+        parser.add_argument(f"--{switch}", type=int, choices=(0, 1), default=None, help=help_text)
     parser.add_argument(
         "--profile",
         action="store_true",

@@ -52,6 +52,7 @@ from meloformer_model.training.data import IGNORE, PACKING, Batch, PackedLoader
 
 SUMMARY = "summary.json"
 PROGRESS_EVERY_S = 60.0  # a progress line at least this often, besides one per evaluation
+GPU_BF16_PEAK = {"H100": 989e12, "H800": 989e12, "H200": 989e12, "A100": 312e12}  # datasheet
 
 # Fields a run may change and still be the same run: they say how long to train, what to
 # measure or keep, or how the same operations are scheduled (compiled blocks fuse them), not
@@ -540,10 +541,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> floa
     figure we can trust, and bf16 runs at another rate than fp32)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, value in (("H100", 989e12), ("H800", 989e12), ("H200", 989e12), ("A100", 312e12)):
-            if key in name:
-                return value
-        return 0.0
+        return next((value for key, value in GPU_BF16_PEAK.items() if key in name), 0.0)
     a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
     best = float("inf")
     for _ in range(5):
