@@ -18,7 +18,7 @@ import functools
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
-from meloformer_model.model import BatchMasks, table_block_mask, visibility_table
+from meloformer_model.model import KEYS_PER_BYTE, BatchMasks, table_block_mask, visibility_table
 
 
 @functools.cache
@@ -36,17 +36,24 @@ def _kernel():
 
 def split_block_mask(rules, masks: BatchMasks, chunks: int):
     """The summarize phase's block mask over (batch x chunks) rows of (summaries + one run of
-    regular keys), from the same visibility table as the model's."""
+    regular keys), from the same visibility table as the model's (a bit per key: the runs are
+    cut at whole bytes)."""
     table = visibility_table(rules, masks.summary, masks.regular)
     batch, n_summary = table.shape[0], masks.summary.doc.shape[1]
     n_regular = masks.regular.doc.shape[1]
+    if n_summary % KEYS_PER_BYTE or n_regular % (chunks * KEYS_PER_BYTE):
+        raise ValueError(f"{n_regular} keys do not cut into {chunks} runs of whole table bytes")
     run = n_regular // chunks
+    summary_bytes, run_bytes = n_summary // KEYS_PER_BYTE, run // KEYS_PER_BYTE
     rows = table[:, :n_summary]
-    own = torch.zeros(batch, chunks, n_summary, n_summary, dtype=torch.bool, device=table.device)
-    own[:, 0] = rows[:, :, :n_summary]
-    regular = rows[:, :, n_summary:].reshape(batch, n_summary, chunks, run).transpose(1, 2)
-    split = torch.cat([own, regular], -1).reshape(batch * chunks, n_summary, n_summary + run)
-    return table_block_mask(split.contiguous(), 0, n_summary)
+    own = torch.zeros(
+        batch, chunks, n_summary, summary_bytes, dtype=table.dtype, device=table.device
+    )
+    own[:, 0] = rows[:, :, :summary_bytes]
+    regular = rows[:, :, summary_bytes : summary_bytes + chunks * run_bytes]
+    regular = regular.reshape(batch, n_summary, chunks, run_bytes).transpose(1, 2)
+    split = torch.cat([own, regular], -1).reshape(batch * chunks, n_summary, -1)
+    return table_block_mask(split.contiguous(), 0, n_summary, n_summary + run)
 
 
 def _chunked(summary: torch.Tensor, regular: torch.Tensor, chunks: int) -> torch.Tensor:

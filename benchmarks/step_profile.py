@@ -22,7 +22,7 @@ from torch.autograd import DeviceType
 from torch.nn.attention.flex_attention import BlockMask
 from torch.profiler import ProfilerActivity, profile
 
-from meloformer_model.model import FlexMask, flex_masks
+from meloformer_model.model import KEYS_PER_BYTE, FlexMask, flex_masks, visibility_table
 
 Shape = tuple[int, int, int, int]  # (batch, heads, length, head dim)
 ATTENTION = "attention (flex)"
@@ -104,13 +104,26 @@ def causal_attention_s(shape: Shape, device: torch.device, repeats: int = 10) ->
     return _event_s(run, device, repeats)
 
 
-def _tile_bound_variants(mask: FlexMask) -> dict[str, FlexMask]:
-    """The update phase's tiles with cheaper masking, to place its time: a mask_mod that reads
-    nothing (every entry of a visited tile visible), and every visited tile marked full (no
-    mask_mod at all: the time the tile count alone costs). Wrong attention, same tiles."""
+def _byte_table(table: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """The visibility table unpacked to a bool per token pair, the layout before bit packing."""
+    shifts = torch.arange(KEYS_PER_BYTE, dtype=torch.uint8, device=table.device)
+    return ((table[..., None] >> shifts) & 1).flatten(-2)[..., :n_keys].bool()
+
+
+def _tile_bound_variants(mask: FlexMask, table: torch.Tensor, first_query: int) -> dict:
+    """The update phase's tiles with other masking, to place its time: the mask_mod reading a
+    byte per pair (the table before bit packing; same attention), a mask_mod that reads nothing
+    (every entry of a visited tile visible), and every visited tile marked full (no mask_mod at
+    all: the time the tile count alone costs). The last two: wrong attention, same tiles."""
     bm = mask.block_mask
     no_partial = torch.zeros_like(bm.kv_num_blocks)
+    byte = _byte_table(table, bm.seq_lengths[1])
     return {
+        BYTE_TABLE: FlexMask(BlockMask.from_kv_blocks(
+            bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
+            BLOCK_SIZE=bm.BLOCK_SIZE, seq_lengths=bm.seq_lengths,
+            mask_mod=lambda b, h, q_idx, kv_idx: byte[b, first_query + q_idx, kv_idx],
+        ), mask.kernel),
         "update_mask_mod_reads_nothing": FlexMask(BlockMask.from_kv_blocks(
             bm.kv_num_blocks, bm.kv_indices, BLOCK_SIZE=bm.BLOCK_SIZE,
             mask_mod=lambda b, h, q_idx, kv_idx: q_idx >= 0, seq_lengths=bm.seq_lengths,
@@ -126,7 +139,9 @@ SPLIT_CHUNKS = 8
 SPLIT = f"summarize_split_{SPLIT_CHUNKS}"
 SEGMENTS = "summarize_segments"
 READING_ORDER = "update_reading_order"
+BYTE_TABLE = "update_byte_table"
 VARIANT_NOTES = {
+    BYTE_TABLE: "update with the mask_mod reading a byte per pair, not a bit (same attention)",
     READING_ORDER: "update with the regular tokens in reading order, not tile_order's (same "
     "attention)",
     "update_mask_mod_reads_nothing": "update's tiles, a mask_mod reading nothing (wrong attention)",
@@ -175,7 +190,7 @@ def phase_s(
     """Each attention phase forward + backward, as ``Block.forward`` calls it, on the batch's
     own masks (random bf16 queries, keys and values of the layer's shapes). With the flex
     backend also the update phase in reading order (when ``tile_order`` lays the row out), its
-    tiles under cheaper masking (``_tile_bound_variants``) and the other ways to summarize
+    tiles under other masking (``_tile_bound_variants``) and the other ways to summarize
     (``_summarize_candidates``), whose outputs and gradients are compared with the model's
     (relative errors, the second dict, per candidate)."""
     n_summary, n_regular = masks.summary.doc.shape[1], shape[2]
@@ -187,7 +202,8 @@ def phase_s(
               "update": (masks.update.attend, *update)}  # fmt: skip
     errors = {}
     if isinstance(masks.update, FlexMask):
-        for name, variant in _tile_bound_variants(masks.update).items():
+        table = visibility_table(rules, masks.summary, masks.regular)
+        for name, variant in _tile_bound_variants(masks.update, table, n_summary).items():
             phases[name] = (variant.attend, *update)
         if masks.restore is not None:
             rows = torch.arange(shape[0], device=device)[:, None]

@@ -306,6 +306,7 @@ def bench_size(size: str, args, data, vocab_size: int, dev: torch.device, batch_
         profiled = batches[args.warmup].to(dev)
         masks = build_masks(config, regular_stream(*profiled.side), profiled.summary_width)
         kernels["attention"] = attention_comparison(kernels, config, masks, shape, dev)
+        _print_attention(kernels["attention"])  # now: a stage cut short keeps it in its log
 
     # mask build alone (it is part of every step: forward_loss builds the masks)
     mask_s = []
@@ -627,7 +628,9 @@ def _print_kernel_profile(key: str, r: dict) -> None:
     print_table(["kernel", "ms", "calls", "family"],
                 [[k["kernel"][:90], k["s"] * 1e3, k["calls"], k["family"]]
                  for k in prof["top_kernels"]])  # fmt: skip
-    a = prof["attention"]
+
+
+def _print_attention(a: dict) -> None:
     print(f"attention per layer at {'x'.join(map(str, a['shape_bhtd']))} (B x H x T x D): ours "
           f"{a['ours_per_layer_s'] * 1e3:.2f} ms (both phases, forward + backward"
           f"{', forward recomputed' if a['ours_includes_recomputed_forward'] else ''}), flash "

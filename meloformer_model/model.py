@@ -451,14 +451,37 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
-def _visibility(rules: AttentionRules, tokens: Stream) -> torch.Tensor:
-    return visible(rules, tokens.expand(2), tokens.expand(1))
+KEYS_PER_BYTE = 8  # the visibility table holds a bit per token pair
+
+
+def _visibility(rules: AttentionRules, tokens: Stream, keys: Stream) -> torch.Tensor:
+    """Every token against every 8th key, 8 times, each into its own bit: one pointwise kernel
+    writing the packed table (packing a bool table after it ran 8x slower on CPU)."""
+    queries = tokens.expand(2)
+    table = torch.zeros((), dtype=torch.uint8, device=tokens.doc.device)
+    for bit in range(KEYS_PER_BYTE):
+        column = keys.part(slice(bit, None, KEYS_PER_BYTE)).expand(1)
+        table = table | (visible(rules, queries, column).to(torch.uint8) << bit)
+    return table
+
+
+def _unseen(batch: int, n: int, device: torch.device) -> Stream:
+    """``n`` key columns no query sees (document -2; padding is -1): a row's last byte's spare
+    bits."""
+    zeros = torch.zeros(batch, n, dtype=torch.long, device=device)
+    return Stream(zeros - 2, zeros, zeros, zeros, zeros, zeros, zeros.bool())
 
 
 def visibility_table(rules: AttentionRules, summaries: Stream, regular: Stream) -> torch.Tensor:
-    """(B, S + T, S + T) bool over the (summary, regular) tokens: may token i read token j.
-    One compiled kernel per batch."""
-    return _compiled(_visibility)(rules, summaries.cat(regular))
+    """(B, N, ceil(N / 8)) uint8 over the N = S + T (summary, regular) tokens: bit j of byte c
+    of row i says whether token i may read token 8c + j. One compiled kernel per batch. A bit
+    per pair, not a byte: 33 MiB for a 4 x 8192 batch, not 264 (0.14 GB per 32k row, not 1.1),
+    and a partial tile's mask_mod reads 2 KiB instead of 16."""
+    tokens = keys = summaries.cat(regular)
+    batch, n = tokens.doc.shape
+    if n % KEYS_PER_BYTE:
+        keys = tokens.cat(_unseen(batch, -n % KEYS_PER_BYTE, tokens.doc.device))
+    return _compiled(_visibility)(rules, tokens, keys)
 
 
 FLEX_BLOCK = 128  # FlexAttention's default sparse block: the tile its kernels skip or visit
@@ -472,27 +495,37 @@ def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts[:, None], order.to(torch.int32)[:, None]
 
 
-def table_block_mask(table: torch.Tensor, first_query: int, n_queries: int) -> BlockMask:
-    """The block mask of the table's rows ``first_query`` on, from one pass over the table:
-    visible entries are counted per tile; a tile with all visible is full (no mask_mod), one
-    with some is partial, as ``create_block_mask`` classifies them. That function would
-    evaluate the mask_mod over every entry again and sum the tiles in int64 (on CPU, three
-    quarters of the mask building at 4 x 8192 tokens)."""
+@functools.cache
+def _bits_set(device: torch.device) -> torch.Tensor:
+    """Byte -> how many of its bits are set (torch has no popcount)."""
+    return torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8, device=device)
+
+
+def table_block_mask(
+    table: torch.Tensor, first_query: int, n_queries: int, n_keys: int
+) -> BlockMask:
+    """The block mask of the visibility table's rows ``first_query`` on, over its first
+    ``n_keys`` keys, from one pass over the table: visible entries are counted per tile; a tile
+    with all visible is full (no mask_mod), one with some is partial, as ``create_block_mask``
+    classifies them. That function would evaluate the mask_mod over every entry again and sum
+    the tiles in int64 (on CPU, three quarters of the mask building at 4 x 8192 tokens)."""
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return table[b, first_query + q_idx, kv_idx]
+        byte = table[b, first_query + q_idx, kv_idx // KEYS_PER_BYTE]
+        return ((byte >> (kv_idx % KEYS_PER_BYTE)) & 1) != 0
 
-    batch, _, n_keys = table.shape
     rows = table[:, first_query : first_query + n_queries]
-    pad_q, pad_k = -n_queries % FLEX_BLOCK, -n_keys % FLEX_BLOCK
+    seen = _bits_set(table.device)[rows.int()]  # visible keys per byte
+    tile_bytes = FLEX_BLOCK // KEYS_PER_BYTE
+    pad_q, pad_k = -n_queries % FLEX_BLOCK, -seen.shape[2] % tile_bytes
     if pad_q or pad_k:  # edge tiles are never full, as in create_block_mask
-        rows = F.pad(rows, (0, pad_k, 0, pad_q))
-    q_tiles, k_tiles = rows.shape[1] // FLEX_BLOCK, rows.shape[2] // FLEX_BLOCK
-    tiles = rows.view(batch, q_tiles, FLEX_BLOCK, k_tiles, FLEX_BLOCK)
-    visible = tiles.sum(4, dtype=torch.int16).sum(2, dtype=torch.int16)
-    full = visible == FLEX_BLOCK * FLEX_BLOCK
+        seen = F.pad(seen, (0, pad_k, 0, pad_q))
+    q_tiles, k_tiles = seen.shape[1] // FLEX_BLOCK, seen.shape[2] // tile_bytes
+    tiles = seen.view(table.shape[0], q_tiles, FLEX_BLOCK, k_tiles, tile_bytes)
+    counts = tiles.sum(4, dtype=torch.int16).sum(2, dtype=torch.int16)
+    full = counts == FLEX_BLOCK * FLEX_BLOCK
     return BlockMask.from_kv_blocks(
-        *_ordered((visible > 0) & ~full),
+        *_ordered((counts > 0) & ~full),
         *_ordered(full),
         BLOCK_SIZE=FLEX_BLOCK,
         mask_mod=mask_mod,
@@ -503,15 +536,16 @@ def table_block_mask(table: torch.Tensor, first_query: int, n_queries: int) -> B
 @torch.no_grad()
 def flex_masks(rules: AttentionRules, summaries: Stream, regular: Stream) -> tuple:
     """(summarize, update) FlexMasks from the same predicate, per sample. The predicate is
-    evaluated once per batch into a (B, S + T, S + T) table of every token pair (one fused
-    compiled kernel), which both phases' mask_mods read: a partial tile then costs one byte per
-    entry, not the predicate's ~70 integer operations per entry, every layer, forward and
+    evaluated once per batch into a table of a bit per token pair (``visibility_table``, one
+    fused compiled kernel), which both phases' mask_mods read: a partial tile then costs a bit read
+    per entry, not the predicate's ~70 integer operations per entry, every layer, forward and
     backward. Tiles with nothing visible are skipped as before."""
     table = visibility_table(rules, summaries, regular)
     n_summaries, n_regular = summaries.doc.shape[1], regular.doc.shape[1]
+    n_keys = n_summaries + n_regular
     return (
-        FlexMask(table_block_mask(table, 0, n_summaries), _compiled(_summarize_flex)),
-        FlexMask(table_block_mask(table, n_summaries, n_regular), _compiled(_update_flex)),
+        FlexMask(table_block_mask(table, 0, n_summaries, n_keys), _compiled(_summarize_flex)),
+        FlexMask(table_block_mask(table, n_summaries, n_regular, n_keys), _compiled(_update_flex)),
     )
 
 

@@ -376,15 +376,28 @@ def test_flex_compiles_once_per_shape(pieces):
     assert counters["stats"]["unique_graphs"] == compiled["unique_graphs"] > 0
 
 
+def _packed_bits(table: torch.Tensor) -> torch.Tensor:
+    """A bool (B, N, K) table packed by hand as ``visibility_table`` packs it: bit j of byte c
+    is key 8c + j, spare bits clear."""
+    padded = F.pad(table, (0, -table.shape[2] % 8)).to(torch.uint8)
+    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
+    return (padded.view(*table.shape[:2], -1, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
 def test_block_masks_are_create_block_masks(pieces):
-    """Block masks counted from the visibility table equal create_block_mask's over the same
-    mask_mod, every index tensor: on a packed batch with padding (no length a multiple of the
-    tile) and on a table with full, partial and empty tiles."""
+    """The visibility table holds the predicate bit by bit (a token count that is not a
+    multiple of 8 included), and block masks counted from it equal create_block_mask's over the
+    predicate, every index tensor: on a packed batch with padding (no length a multiple of the
+    tile) and on tables with full, partial and empty tiles."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    packed = _packed_batch(pieces)
+    packed = _packed_batch(pieces).part(slice(0, 397))
     summaries = summary_stream(packed)
+    tokens = summaries.cat(packed)
+    predicate = dense_mask(UPSTREAM_RULES, tokens, tokens)[:, 0]
+    assert predicate.shape[2] % 8 != 0
     table = visibility_table(UPSTREAM_RULES, summaries, packed)
+    assert torch.equal(table, _packed_bits(predicate))
     generator = torch.Generator().manual_seed(7)
     synthetic = torch.rand(2, 300, 300, generator=generator) < 0.3
     synthetic[0, 128:256, :128] = True  # full
@@ -392,12 +405,12 @@ def test_block_masks_are_create_block_masks(pieces):
     synthetic[0, 5, 130] = False  # all but one entry: partial
     synthetic[1, :128, 128:256] = False  # empty
     width = summaries.doc.shape[1]
-    cases = [(table, 0, width), (table, width, packed.doc.shape[1]), (synthetic, 0, 300),
-             (synthetic, 44, 256)]  # fmt: skip
+    cases = [(predicate, 0, width), (predicate, width, packed.doc.shape[1]),
+             (synthetic, 0, 300), (synthetic, 44, 256)]  # fmt: skip
     fields = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
               "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")  # fmt: skip
     for grid, first, n in cases:
-        ours = table_block_mask(grid, first, n)
+        ours = table_block_mask(_packed_bits(grid), first, n, grid.shape[2])
 
         def mask_mod(b, h, q_idx, kv_idx, grid=grid, first=first):
             return grid[b, first + q_idx, kv_idx]
@@ -406,13 +419,19 @@ def test_block_masks_are_create_block_masks(pieces):
         assert ours.seq_lengths == reference.seq_lengths == (n, grid.shape[2])
         for name in fields:
             assert torch.equal(getattr(ours, name), getattr(reference, name)), name
-    assert int(table_block_mask(synthetic, 0, 300).full_kv_num_blocks[0, 0, 1]) == 1
+        q_idx, kv_idx = torch.arange(n)[:, None], torch.arange(grid.shape[2])[None]
+        for b in range(grid.shape[0]):
+            entries = ours.mask_mod(torch.tensor(b), torch.tensor(0), q_idx, kv_idx)
+            assert torch.equal(entries, grid[b, first : first + n])
+    full = table_block_mask(_packed_bits(synthetic), 0, 300, 300).full_kv_num_blocks
+    assert int(full[0, 0, 1]) == 1
 
 
 def _update_tiles(regular) -> int:
     summaries = summary_stream(regular)
     table = visibility_table(UPSTREAM_RULES, summaries, regular)
-    mask = table_block_mask(table, summaries.doc.shape[1], regular.doc.shape[1])
+    n_summaries, n_regular = summaries.doc.shape[1], regular.doc.shape[1]
+    mask = table_block_mask(table, n_summaries, n_regular, n_summaries + n_regular)
     return int(mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum())
 
 
