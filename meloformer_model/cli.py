@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from collections import Counter
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from meloformer_model.data.tokenize_corpus import (
     results_table,
     tokenize_files,
 )
+from meloformer_model.sampling import SamplingConfig
 from meloformer_model.tokenizer.config import TokenizerConfig
 from meloformer_model.tokenizer.hid import HIDTokenizer, TokenizeError
 from meloformer_model.tokenizer.vocab import FAMILIES, Vocabulary
@@ -184,7 +186,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from meloformer_model.generation import (
-        SamplingConfig,
+        Grammar,
         generate_batch,
         prompt_from_midi,
         prompt_from_scratch,
@@ -196,26 +198,27 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.samples < 1:
         raise CliError(f"--samples {args.samples}: ask for at least one piece")
     try:
+        sampling = SamplingConfig(**{f.name: getattr(args, f.name) for f in fields(SamplingConfig)})
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    try:
         model, configs = load_model(Path(args.checkpoint), device_for(args.device))
     except (OSError, KeyError, ValueError) as exc:
         raise CliError(f"{args.checkpoint}: not a MeloFormer checkpoint ({exc})") from exc
     tokenizer = HIDTokenizer(tokenizer_config(configs))
-    if args.prompt:
-        try:
+    try:
+        if args.prompt:
             prompt = prompt_from_midi(tokenizer, args.prompt, args.prompt_bars)
-        except (MidiReadError, TokenizeError) as exc:
-            raise CliError(str(exc)) from exc
-    else:
-        num, den = (int(x) for x in args.time_signature.split("/"))
-        prompt = prompt_from_scratch(tokenizer, args.tempo, (num, den))
-    sampling = SamplingConfig(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        max_tokens=args.max_tokens,
-        bars=args.bars,
-        seed=args.seed,
-    )
+        else:
+            prompt = prompt_from_scratch(tokenizer, args.tempo, args.time_signature)
+        Grammar(tokenizer, args.instruments)  # refuses unknown programs before sampling starts
+    except (MidiReadError, TokenizeError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
+    if len(prompt) >= sampling.max_tokens:
+        raise CliError(
+            f"the prompt has {len(prompt)} tokens, --max-tokens {sampling.max_tokens} leaves no "
+            "room to generate: raise --max-tokens or shorten the prompt (--prompt-bars)"
+        )
     total = args.bars * args.samples
     with tqdm(total=total, desc="generate", unit="bar", disable=args.quiet) as bar:
         pieces = generate_batch(
@@ -268,6 +271,14 @@ def cmd_train(args: argparse.Namespace) -> None:
               f"{result.checkpoint}, best {result.best}")  # fmt: skip
 
 
+def _time_signature(text: str) -> tuple[int, int]:
+    try:
+        num, den = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not N/D, such as 3/4") from None
+    return num, den
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meloformer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -303,15 +314,46 @@ def build_parser() -> argparse.ArgumentParser:
                    "SEED, SEED+1, ...), written as OUT-1.mid ... OUT-N.mid")  # fmt: skip
     p.add_argument("--prompt", help="MIDI file to continue (default: start from scratch)")
     p.add_argument("--prompt-bars", type=int, help="use only the first N bars of the prompt")
-    p.add_argument("--bars", type=int, default=16, help="bars to generate")
+    p.add_argument(
+        "--bars",
+        type=int,
+        default=SamplingConfig().bars,
+        help="bars to generate (default %(default)s)",
+    )
     p.add_argument("--instruments", type=int, nargs="+", help="GM programs allowed (128 = drums)")
-    p.add_argument("--tempo", type=float, default=120.0)
-    p.add_argument("--time-signature", default="4/4")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=4096)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tempo", type=float, help="BPM (default: the tokenizer's)")
+    p.add_argument("--time-signature", type=_time_signature, help="N/D (default: the tokenizer's)")
+    defaults = SamplingConfig()
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=defaults.temperature,
+        help="softmax temperature; 0 takes the likeliest token (default %(default)s)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=defaults.top_k,
+        help="sample among the k likeliest tokens; 0: all (default %(default)s)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=defaults.top_p,
+        help="sample among the likeliest tokens holding this probability (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=defaults.max_tokens,
+        help="tokens per piece, the prompt's included (default %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="random seed of the first piece (default %(default)s)",
+    )
     p.add_argument("--piano-roll", action="store_true", help="also write a piano-roll PNG")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when there is one)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -17,21 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from meloformer_model.data.midi_io import MidiSource, load_score
+from meloformer_model.data.midi_io import MidiSource, load_score, source_name
 from meloformer_model.model import IncrementalDecoder, MeloFormer
+from meloformer_model.sampling import SamplingConfig
 from meloformer_model.tokenizer.config import DRUM_INSTRUMENT, instrument_rank_table
 from meloformer_model.tokenizer.hid import HIDTokenizer, IncrementalSideInformation
 from meloformer_model.tokenizer.vocab import FAMILIES
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    max_tokens: int = 4096
-    bars: int = 16
-    seed: int = 0
 
 
 @dataclass
@@ -55,7 +46,12 @@ class Grammar:
         self.tok = tokenizer
         self.vocab = tokenizer.vocab
         self.ranks = instrument_rank_table()
-        self.allowed_instruments = set(range(129)) if instruments is None else set(instruments)
+        programs = set(range(DRUM_INSTRUMENT + 1))
+        if instruments is not None and (not instruments or not set(instruments) <= programs):
+            raise ValueError(
+                f"instruments {instruments}: give GM programs 0-127, or {DRUM_INSTRUMENT} for drums"
+            )
+        self.allowed_instruments = programs if instruments is None else set(instruments)
         self.state = _State()
         cfg = tokenizer.config
         self.ts_units = [cfg.bar_units(n, d) for n, d in cfg.time_signatures]
@@ -152,12 +148,24 @@ def _sample(logits: torch.Tensor, allowed: np.ndarray, config: SamplingConfig, g
 
 
 def prompt_from_scratch(
-    tokenizer: HIDTokenizer, tempo_bpm: float = 120.0, time_signature: tuple[int, int] = (4, 4)
+    tokenizer: HIDTokenizer,
+    tempo_bpm: float | None = None,
+    time_signature: tuple[int, int] | None = None,
 ) -> list[int]:
-    """BOS, the first bar, its time signature and tempo: the rest is the model's."""
-    v = tokenizer.vocab
+    """BOS, the first bar, its time signature and tempo (default: the tokenizer's): the rest is
+    the model's. Settings the vocabulary cannot say are refused, not rounded to one it can."""
+    v, cfg = tokenizer.vocab, tokenizer.config
+    tempo_bpm = cfg.default_tempo_bpm if tempo_bpm is None else tempo_bpm
+    num, den = time_signature = time_signature or cfg.default_time_signature
+    if not cfg.tempo_min_bpm <= tempo_bpm <= cfg.tempo_max_bpm:
+        raise ValueError(
+            f"tempo {tempo_bpm:g} BPM: the vocabulary's tempi run from {cfg.tempo_min_bpm:g} to "
+            f"{cfg.tempo_max_bpm:g} BPM"
+        )
+    if tuple(time_signature) not in cfg.time_signatures:
+        known = ", ".join(f"{n}/{d}" for n, d in cfg.time_signatures)
+        raise ValueError(f"time signature {num}/{den} is not in the vocabulary ({known})")
     tempo = int(tokenizer.tempo_bin([tempo_bpm])[0])
-    num, den = time_signature
     return [v["BOS"], v["Bar"], v[f"TimeSig_{num}/{den}"], v["Pos_0"],
             v.offset("tempo") + tempo]  # fmt: skip
 
@@ -166,6 +174,8 @@ def prompt_from_midi(
     tokenizer: HIDTokenizer, src: MidiSource, bars: int | None = None
 ) -> list[int]:
     """A file's tokens (its first ``bars`` bars, if given), without EOS, to be continued."""
+    if bars is not None and bars < 1:
+        raise ValueError(f"{source_name(src)}: a prompt of {bars} bars; give at least 1")
     seq = tokenizer.encode(load_score(src))
     ids = seq.ids[:-1]
     if bars is not None:
@@ -198,6 +208,8 @@ def generate_batch(
     reads the weights once for all of them): piece i samples with seed ``config.seed + i``.
     ``progress`` hears after each step how many of the ``config.bars`` x pieces bars are done
     (a finished piece counts all of its own)."""
+    if not all(prompts):
+        raise ValueError("an empty prompt: every piece starts from one (prompt_from_scratch)")
     model.eval()
     decoder = IncrementalDecoder(model, len(prompts))
     pieces = [_Piece(tokenizer, instruments, config.seed + i) for i in range(len(prompts))]

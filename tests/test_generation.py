@@ -197,3 +197,68 @@ def test_cli_refuses_zero_samples(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path), "-o", str(out), "--samples", "0"]) == 1
     assert "--samples 0: ask for at least one piece" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [({"temperature": -1.0}, "temperature -1.0 must be >= 0"), ({"top_k": -3}, "top_k -3"),
+     ({"top_p": 0.0}, "top_p 0.0 must be in (0, 1]"), ({"top_p": 1.5}, "top_p 1.5"),
+     ({"max_tokens": 0}, "max_tokens 0"), ({"bars": 0}, "bars 0 must be >= 1")],
+)  # fmt: skip
+def test_sampling_settings_are_checked(setting, message):
+    with pytest.raises(ValueError) as error:
+        SamplingConfig(**setting)
+    assert message in str(error.value)
+
+
+def test_prompts_and_instruments_the_vocabulary_cannot_say_are_refused(sample_files):
+    v, cfg = TOK.vocab, TOK.config
+    tempo = v.offset("tempo") + int(TOK.tempo_bin([cfg.default_tempo_bpm])[0])
+    num, den = cfg.default_time_signature
+    assert prompt_from_scratch(TOK) == [v["BOS"], v["Bar"], v[f"TimeSig_{num}/{den}"],
+                                        v["Pos_0"], tempo]  # fmt: skip
+    assert prompt_from_scratch(TOK, 60.0, (3, 4))[2] == v["TimeSig_3/4"]
+    with pytest.raises(ValueError, match=r"time signature 13/8 is not in the vocabulary \(1/2"):
+        prompt_from_scratch(TOK, time_signature=(13, 8))
+    for tempo_bpm in (-5.0, 300.0):
+        with pytest.raises(ValueError, match=f"tempo {tempo_bpm:g} BPM: .* from 40 to 250 BPM"):
+            prompt_from_scratch(TOK, tempo_bpm)
+    with pytest.raises(ValueError, match=f"{sample_files[0].name}: a prompt of 0 bars"):
+        prompt_from_midi(TOK, sample_files[0], 0)
+    for instruments in ([200], [-1, 0], []):
+        with pytest.raises(ValueError, match=r"give GM programs 0-127, or 128 for drums"):
+            Grammar(TOK, instruments)
+    assert Grammar(TOK, [0, 128]).allowed_instruments == {0, 128}
+
+
+def test_generation_refuses_an_empty_prompt(checkpoint):
+    model, configs = load_model(checkpoint)
+    tokenizer = HIDTokenizer(tokenizer_config(configs))
+    with pytest.raises(ValueError, match="an empty prompt"):
+        generate_batch(model, tokenizer, [prompt_from_scratch(tokenizer), []])
+
+
+def test_cli_names_bad_generation_settings(checkpoint, tmp_path, capsys):
+    """Each bad setting is one line naming it, before any file is written; a malformed time
+    signature is argparse's usage error."""
+    from meloformer_model.cli import main
+
+    out = tmp_path / "none.mid"
+    base = ["generate", "--checkpoint", str(checkpoint), "-o", str(out), "--quiet"]
+    cases = [
+        (["--top-p", "0"], "top_p 0.0 must be in (0, 1]"),
+        (["--time-signature", "13/8"], "time signature 13/8 is not in the vocabulary"),
+        (["--tempo", "300"], "tempo 300 BPM"),
+        (["--instruments", "200"], "instruments [200]: give GM programs"),
+        (["--max-tokens", "4"], "the prompt has 5 tokens, --max-tokens 4 leaves no room"),
+    ]
+    for args, message in cases:
+        assert main([*base, *args]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("meloformer generate: ") and message in err, err
+        assert len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exit_:
+        main([*base, "--time-signature", "four"])
+    assert exit_.value.code == 2
+    assert "argument --time-signature: 'four' is not N/D" in capsys.readouterr().err
+    assert not out.exists()

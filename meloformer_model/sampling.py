@@ -1,0 +1,34 @@
+"""How generation samples: the settings and their checks. Kept free of torch, so the command line
+shows the defaults without loading the model code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """``temperature`` 0 picks the likeliest allowed token; ``top_k`` 0 and ``top_p`` 1 keep
+    every allowed token; ``max_tokens`` counts the prompt's tokens too."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_tokens: int = 4096
+    bars: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.temperature >= 0:
+            problems.append(f"temperature {self.temperature} must be >= 0 (0: the likeliest)")
+        if self.top_k < 0:
+            problems.append(f"top_k {self.top_k} must be >= 0 (0: no limit)")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p {self.top_p} must be in (0, 1] (1: no limit)")
+        if self.max_tokens < 1:
+            problems.append(f"max_tokens {self.max_tokens} must be >= 1")
+        if self.bars < 1:
+            problems.append(f"bars {self.bars} must be >= 1")
+        if problems:
+            raise ValueError("; ".join(problems))
