@@ -199,10 +199,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise CliError(f"--samples {args.samples}: ask for at least one piece")
     try:
         sampling = SamplingConfig(**{f.name: getattr(args, f.name) for f in fields(SamplingConfig)})
+        device = device_for(args.device)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     try:
-        model, configs = load_model(Path(args.checkpoint), device_for(args.device))
+        model, configs = load_model(Path(args.checkpoint), device)
     except (OSError, KeyError, ValueError) as exc:
         raise CliError(f"{args.checkpoint}: not a MeloFormer checkpoint ({exc})") from exc
     tokenizer = HIDTokenizer(tokenizer_config(configs))

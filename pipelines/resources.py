@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import dagster as dg
+from pydantic import Field
 
 from meloformer_model.data.parallel import available_cores
 from meloformer_model.data.shards import DEFAULT_SHARD_SIZE
@@ -26,10 +27,10 @@ SIZE_ENV = "MELOFORMER_TRAIN_SIZE"
 class CorpusStorage(dg.ConfigurableResource):
     """The source MIDI folder, the artifact root, and how the corpus is cut into shards."""
 
-    corpus_dir: str
-    data_root: str
-    shard_size: int = DEFAULT_SHARD_SIZE
-    workers: int = 0
+    corpus_dir: str = Field(description="the folder of MIDI files (searched recursively)")
+    data_root: str = Field(description="where every asset's versioned artifacts are written")
+    shard_size: int = Field(default=DEFAULT_SHARD_SIZE, ge=1, description="files per shard")
+    workers: int = Field(default=0, ge=0, description="processes; 0: every available core")
 
     @property
     def corpus_path(self) -> Path:
@@ -65,12 +66,12 @@ class TrainingSettings(dg.ConfigurableResource):
     """Which hardware profile trains which model size (default: the profile's), on how many
     processes, and how much evaluation to do."""
 
-    profile: str = "cpu"
-    size: str = ""
-    processes: int = 1
-    max_steps: int = 0
-    eval_pieces: int = 4
-    eval_bars: int = 6
+    profile: str = Field(default="cpu", description="hardware profile: cpu, h100, h800")
+    size: str = Field(default="", description="model size; empty: the profile's")
+    processes: int = Field(default=1, ge=1, description="training processes (torchrun: DDP)")
+    max_steps: int = Field(default=0, ge=0, description="optimizer steps; 0: the profile's")
+    eval_pieces: int = Field(default=4, ge=1, description="pieces the evaluation generates")
+    eval_bars: int = Field(default=6, ge=1, description="bars generated per piece")
 
     def config(self) -> "TrainConfig":
         from meloformer_model.training.trainer import profile_config  # torch: only when training
@@ -78,10 +79,18 @@ class TrainingSettings(dg.ConfigurableResource):
         return profile_config(self.profile, self.size, max_steps=self.max_steps or None)
 
 
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: not a whole number") from None
+
+
 def training_from_env() -> TrainingSettings:
     return TrainingSettings(
         profile=os.environ.get(PROFILE_ENV, "cpu"),
         size=os.environ.get(SIZE_ENV, ""),
-        processes=int(os.environ.get(PROCESSES_ENV, "1")),
-        max_steps=int(os.environ.get(STEPS_ENV, "0")),
+        processes=_env_int(PROCESSES_ENV, 1),
+        max_steps=_env_int(STEPS_ENV, 0),
     )

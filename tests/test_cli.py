@@ -130,6 +130,8 @@ def test_train_runs_resumes_and_refuses_another_config_in_its_folder(prepared, t
     for bad, cause in (
         (("--size", "small"), "holds another run (size 'tiny' → 'small')"),
         (("--profile", "a100"), "unknown training profile 'a100'"),
+        (("--max-steps", "0"), "training config: max_steps 0 must be >= 1"),
+        (("--device", "gpu"), "device 'gpu': not a device name (cpu, cuda, cuda:1)"),
     ):
         proc = run_cli(*args, *bad)
         assert proc.returncode == 1 and cause in proc.stderr, proc.stderr

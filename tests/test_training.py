@@ -30,6 +30,7 @@ from meloformer_model.training.trainer import (
     SUMMARY,
     TrainConfig,
     completed_run,
+    device_for,
     lr_at,
     param_groups,
     train,
@@ -38,6 +39,35 @@ from meloformer_model.training.trainer import (
 
 FAST = replace(PROFILES["cpu"], seq_len=128, batch_size=4, max_steps=6, eval_every=3,
                checkpoint_every=3, warmup_steps=2)  # fmt: skip
+
+
+def test_settings_no_run_can_use_are_refused_by_name():
+    """Every problem in one message, before any data is read (a zero max_steps used to fail
+    deep in the trainer with an IndexError)."""
+    with pytest.raises(ValueError) as error:
+        TrainConfig(size="huge", seq_len=1, max_steps=0, lr=-1.0, beta2=1.0, n_kv_head=0)
+    assert str(error.value) == (
+        "training config: unknown model size 'huge': ['tiny', 'small', 'base', 'large', "
+        "'xlarge']; seq_len 1 must be >= 2; max_steps 0 must be >= 1; n_kv_head 0 must be None "
+        "or >= 1; lr -1.0 must be > 0; beta2 1.0 must be in [0, 1)"
+    )
+    edge = TrainConfig(warmup_steps=0, min_lr_ratio=0.0, weight_decay=0.0, beta1=0.0)
+    assert (edge.warmup_steps, edge.min_lr_ratio) == (0, 0.0)
+
+
+def test_devices_this_machine_lacks_are_refused_by_name(monkeypatch):
+    assert device_for("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"device 'gpu': not a device name \(cpu, cuda"):
+        device_for("gpu")
+    with pytest.raises(ValueError, match="device 'mps': training and generation run on cpu or"):
+        device_for("mps")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match="device 'cuda': this machine has no CUDA device"):
+        device_for("cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"device 'cuda:2': this machine has 2 CUDA device"):
+        device_for("cuda:2")
+    assert device_for("cuda:1") == torch.device("cuda", 1)
 
 
 def test_packed_batches_keep_documents_apart(prepared):

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
+import pydantic
 import pytest
 
 from assets import checks
@@ -15,7 +16,7 @@ from assets.training import dataset_path, evaluation_report, trained_model, trai
 from meloformer_model.training import trainer
 from pipelines import refresh
 from pipelines.refresh import current_training, plan_refresh
-from pipelines.resources import CorpusStorage, TrainingSettings
+from pipelines.resources import STEPS_ENV, CorpusStorage, TrainingSettings, training_from_env
 
 CHECKS = dg.load_asset_checks_from_modules([checks])
 
@@ -90,6 +91,21 @@ def test_training_settings_pick_profile_size_and_steps():
         TrainingSettings(size="medium").config()
     with pytest.raises(ValueError, match="unknown training profile 'a100'"):
         TrainingSettings(profile="a100").config()
+
+
+def test_bad_resource_settings_are_refused_by_name(monkeypatch):
+    """Numbers no run can use fail the resource's validation (the launchpad's run fails at
+    resource init, naming the field); a malformed environment variable is named."""
+    for field, value in (("processes", 0), ("eval_bars", 0), ("max_steps", -5)):
+        with pytest.raises(pydantic.ValidationError, match=f"{field}\n.*greater than or equal"):
+            TrainingSettings(**{field: value})
+    with pytest.raises(pydantic.ValidationError, match="shard_size"):
+        CorpusStorage(corpus_dir=".", data_root=".", shard_size=0)
+    monkeypatch.setenv(STEPS_ENV, "ten")
+    with pytest.raises(ValueError, match="MELOFORMER_TRAIN_STEPS='ten': not a whole number"):
+        training_from_env()
+    monkeypatch.setenv(STEPS_ENV, "12")
+    assert training_from_env().max_steps == 12
 
 
 def test_training_and_evaluation_on_a_checked_dataset(checked):

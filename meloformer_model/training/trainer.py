@@ -62,6 +62,29 @@ TRAJECTORY_NEUTRAL = frozenset(
 )
 
 
+def _at_least(low: int) -> tuple[Callable[[int], bool], str]:
+    return (lambda value: value >= low), f">= {low}"
+
+
+_SETTING_RULES: dict[str, tuple[Callable, str]] = {
+    "seq_len": _at_least(2),  # a target needs a next token
+    "batch_size": _at_least(1),
+    "grad_accum": _at_least(1),
+    "max_steps": _at_least(1),
+    "warmup_steps": _at_least(0),
+    "eval_every": _at_least(1),
+    "checkpoint_every": _at_least(1),
+    "keep_last": _at_least(1),
+    "n_kv_head": ((lambda value: value is None or value >= 1), "None or >= 1"),
+    "lr": ((lambda value: value > 0), "> 0"),
+    "clip": ((lambda value: value > 0), "> 0"),
+    "min_lr_ratio": ((lambda value: 0 <= value <= 1), "in [0, 1]"),
+    "weight_decay": ((lambda value: value >= 0), ">= 0"),
+    "beta1": ((lambda value: 0 <= value < 1), "in [0, 1)"),
+    "beta2": ((lambda value: 0 <= value < 1), "in [0, 1)"),
+}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     size: str = "tiny"
@@ -87,6 +110,18 @@ class TrainConfig:
     bf16: bool = False
     n_kv_head: int | None = None
     compile_blocks: bool = False  # GPU (flex backend) only: MeloFormer.compile_blocks
+
+    def __post_init__(self) -> None:
+        """Refuse settings no run can use, by name, before any data is read."""
+        problems = [
+            f"{name} {getattr(self, name)} must be {rule}"
+            for name, (ok, rule) in _SETTING_RULES.items()
+            if not ok(getattr(self, name))
+        ]
+        if self.size not in MODEL_SIZES:
+            problems.insert(0, f"unknown model size {self.size!r}: {list(MODEL_SIZES)}")
+        if problems:
+            raise ValueError("training config: " + "; ".join(problems))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -135,8 +170,6 @@ def profile_config(profile: str, size: str | None = None, **changes) -> TrainCon
     profile's); unknown profiles and sizes are refused by name."""
     if profile not in PROFILES:
         raise ValueError(f"unknown training profile {profile!r}: {sorted(PROFILES)}")
-    if size and size not in MODEL_SIZES:
-        raise ValueError(f"unknown model size {size!r}: {list(MODEL_SIZES)}")
     changes = {name: value for name, value in {"size": size or None, **changes}.items()
                if value is not None}  # fmt: skip
     return replace(PROFILES[profile], **changes)
@@ -259,9 +292,23 @@ def _save_summary(
 
 
 def device_for(requested: str | None = None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``requested`` (default: the GPU when there is one), refused by name when this machine
+    has no such device: torch would fail later, deep in the first copy to it."""
+    if not requested:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"device {requested!r}: not a device name (cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if not count:
+            raise ValueError(f"device {requested!r}: this machine has no CUDA device")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {requested!r}: this machine has {count} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"device {requested!r}: training and generation run on cpu or cuda")
+    return device
 
 
 def train(
