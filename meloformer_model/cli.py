@@ -45,10 +45,20 @@ def _print_reasons(summary: dict) -> None:
         print(f"  {reason:28s} {count}")
 
 
-def cmd_filter(args: argparse.Namespace) -> None:
-    paths = find_midi_files(args.sources)
+def _midi_paths(sources: list[str]) -> list[Path]:
+    """The MIDI files under ``sources``; a source that is not there is a typo to report, not
+    a file to reject."""
+    missing = [src for src in sources if not Path(src).exists()]
+    if missing:
+        raise CliError(f"no such file or folder: {', '.join(missing)}")
+    paths = find_midi_files(sources)
     if not paths:
-        raise CliError(f"no MIDI files found in {', '.join(map(str, args.sources))}")
+        raise CliError(f"no MIDI files found in {', '.join(sources)}")
+    return paths
+
+
+def cmd_filter(args: argparse.Namespace) -> None:
+    paths = _midi_paths(args.sources)
     config = FilterConfig()
     frame = inspect_files(paths, config, args.workers, progress=not args.quiet)
     summary = write_filter_results(frame, Path(args.out), config)
@@ -133,9 +143,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     """Filter, tokenize and count a corpus: the library end to end, chunk by chunk."""
     out = Path(args.out)
     started = time.perf_counter()
-    paths = find_midi_files(args.sources)
-    if not paths:
-        raise CliError(f"no MIDI files found in {', '.join(map(str, args.sources))}")
+    paths = _midi_paths(args.sources)
     filter_config = FilterConfig()
     frame = inspect_files(paths, filter_config, args.workers, progress=not args.quiet)
     summary = write_filter_results(frame, out / "filter", filter_config)
@@ -272,6 +280,12 @@ def cmd_train(args: argparse.Namespace) -> None:
               f"{result.checkpoint}, best {result.best}")  # fmt: skip
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
 def _time_signature(text: str) -> tuple[int, int]:
     try:
         num, den = (int(part) for part in text.split("/"))
@@ -287,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     def corpus_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("sources", nargs="+", help="MIDI files or folders (searched recursively)")
         p.add_argument("--out", required=True, help="output folder")
-        p.add_argument("--workers", type=int, default=available_cores(), help="processes")
+        p.add_argument("--workers", type=_positive_int, default=available_cores(),
+                       help="processes (default: the available cores, %(default)s)")  # fmt: skip
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("filter", help="quality-filter and dedup a corpus into parquet tables")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pytest
 from symusic import Score
 
 from meloformer_model.data.corrupt import CORRUPT_CASES, write_corrupt_corpus
@@ -82,6 +83,26 @@ def test_unreadable_input_gives_one_line_and_nonzero_exit(tmp_path):
     result = run_cli("decode", bad, "-o", tmp_path / "x.mid")
     assert result.returncode == 1 and "bad.mid" in result.stderr
     assert not (tmp_path / "x.mid").exists()
+
+
+def test_corpus_commands_name_missing_sources_and_bad_worker_counts(tmp_path, capsys):
+    """A mistyped folder is reported before any work (it used to become one rejected
+    'unreadable' file in the tables); an empty folder and a worker count below 1 as well."""
+    from meloformer_model.cli import main
+
+    empty, out = tmp_path / "empty", tmp_path / "out"
+    empty.mkdir()
+    for command in ("filter", "prepare"):
+        assert main([command, str(tmp_path / "typo"), str(empty), "--out", str(out)]) == 1
+        assert capsys.readouterr().err == (
+            f"meloformer {command}: no such file or folder: {tmp_path / 'typo'}\n"
+        )
+        assert main([command, str(empty), "--out", str(out)]) == 1
+        assert f"no MIDI files found in {empty}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["filter", str(empty), "--out", str(out), "--workers", "0"])
+    assert "argument --workers: '0' is not a whole number >= 1" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_prepare_streams_in_chunks_with_the_same_result(tmp_path, sample_files, monkeypatch):
