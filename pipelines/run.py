@@ -12,7 +12,6 @@ import dagster as dg
 
 from assets.corpus import latest_dataset_path
 from meloformer_model.data.parallel import release_freed_memory
-from pipelines.definitions import defs
 from pipelines.jobs import dataset_job, shard_job, training_job
 from pipelines.refresh import current_dataset, current_training, plan_refresh
 from pipelines.resources import storage_from_env, training_from_env
@@ -21,6 +20,8 @@ QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
 def run_corpus_pipeline(instance: dg.DagsterInstance) -> bool:
+    from pipelines.definitions import defs  # its resources read the environment's settings
+
     storage = storage_from_env()
     refresh = plan_refresh(storage, instance)
     instance.add_dynamic_partitions("midi_shards", refresh.new_shards)
@@ -79,7 +80,12 @@ def run_corpus_pipeline(instance: dg.DagsterInstance) -> bool:
 def main() -> None:
     argparse.ArgumentParser(description=__doc__).parse_args()
     with dg.DagsterInstance.get() as instance:
-        sys.exit(0 if run_corpus_pipeline(instance) else 1)
+        try:
+            ok = run_corpus_pipeline(instance)
+        except (FileNotFoundError, ValueError) as exc:  # settings and folders, named
+            print(f"meloformer run: {exc}", file=sys.stderr)
+            ok = False
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

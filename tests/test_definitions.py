@@ -1,8 +1,12 @@
 """The code location loads, and holds the graph, checks, jobs, sensors and schedule we expect."""
 
+import os
+
 import dagster as dg
 
+from meloformer_model.paths import PROJECT_DIR
 from pipelines.definitions import defs
+from pipelines.resources import INSTANCE_CONFIG
 
 
 def test_definitions_load():
@@ -82,3 +86,31 @@ def test_benchmark_report_names_the_gpu_a_result_ran_on():
     gpu = {"device": "cuda", "device_name": "NVIDIA H200", "machine": host}
     assert _machine(gpu) == "NVIDIA H200, AMD EPYC, 16"
     assert _machine({"device": "cpu", "device_name": "AMD EPYC", "machine": host}) == "AMD EPYC, 16"
+
+
+def test_the_main_job_names_bad_settings_in_one_line(tmp_path):
+    """``make run`` with a mistyped corpus folder or training profile: one line, exit 1, and no
+    run started (the instance holds none)."""
+    import shutil
+    import subprocess
+    import sys
+
+    import dagster as dg
+
+    cases = (
+        ({"MELOFORMER_CORPUS_DIR": str(tmp_path / "typo")}, f"corpus folder {tmp_path / 'typo'}"),
+        ({"MELOFORMER_TRAIN_STEPS": "ten"}, "MELOFORMER_TRAIN_STEPS='ten': not a whole number"),
+    )
+    for env, message in cases:
+        home = tmp_path / f"home-{len(env)}-{next(iter(env))}"
+        home.mkdir()
+        shutil.copy(INSTANCE_CONFIG, home / "dagster.yaml")  # as make run sets it up
+        environ = {**os.environ, "DAGSTER_HOME": str(home), **env}
+        command = [sys.executable, "-W", "ignore", "-m", "pipelines.run"]
+        proc = subprocess.run(command, env=environ, cwd=PROJECT_DIR, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 1
+        assert proc.stderr.startswith(f"meloformer run: {message}"), proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            assert instance.get_runs() == []
