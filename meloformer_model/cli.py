@@ -200,7 +200,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompt_from_scratch,
         write_outputs,
     )
-    from meloformer_model.training.checkpoint import load_model, tokenizer_config
+    from meloformer_model.training.checkpoint import (
+        CheckpointError,
+        load_model,
+        tokenizer_config,
+    )
     from meloformer_model.training.trainer import device_for
 
     if args.samples < 1:
@@ -212,8 +216,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise CliError(str(exc)) from exc
     try:
         model, configs = load_model(Path(args.checkpoint), device)
-    except (OSError, KeyError, ValueError) as exc:
-        raise CliError(f"{args.checkpoint}: not a MeloFormer checkpoint ({exc})") from exc
+    except CheckpointError as exc:
+        raise CliError(str(exc)) from exc
     tokenizer = HIDTokenizer(tokenizer_config(configs))
     try:
         if args.prompt:

@@ -23,7 +23,14 @@ from meloformer_model.model import (
     summary_stream,
 )
 from meloformer_model.training import trainer
-from meloformer_model.training.checkpoint import best_checkpoint, load_model, tokenizer_config
+from meloformer_model.training.checkpoint import (
+    CheckpointError,
+    best_checkpoint,
+    load_model,
+    read_configs,
+    read_state,
+    tokenizer_config,
+)
 from meloformer_model.training.data import IGNORE, PackedLoader, pack, windows
 from meloformer_model.training.trainer import (
     PROFILES,
@@ -207,6 +214,43 @@ def test_checkpoints_are_safetensors_and_json_and_rebuild_the_model(prepared, tm
     assert gpu_trained.config == model.config
     for (name, a), b in zip(model.state_dict().items(), gpu_trained.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_unreadable_checkpoints_are_named_with_the_reason(prepared, tmp_path):
+    """Truncated weights, a config describing another model, broken JSON: loading and resuming
+    stop with one CheckpointError naming the folder, and a resume changes nothing on disk."""
+    run_dir = tmp_path / "run"
+    train(prepared.dataset.path, prepared.vocab, run_dir, FAST, stop_at=3, log=lambda _: None)
+    newest = run_dir / "step-0000003"
+    cases = {}
+    for name, damage in {
+        "truncated": lambda f: (f / "model.safetensors").write_bytes(
+            (f / "model.safetensors").read_bytes()[:1000]
+        ),
+        "another_model": lambda f: (f / "config.json").write_text(
+            json.dumps({**read_configs(f), "model": {**read_configs(f)["model"], "n_layer": 3}})
+        ),
+        "broken_json": lambda f: (f / "state.json").write_text("{broken"),
+    }.items():
+        cases[name] = shutil.copytree(newest, tmp_path / name)
+        damage(cases[name])
+    third_layer = list(load_model(newest)[0].blocks[0].state_dict())  # its tensors, per layer
+    messages = {
+        "truncated": "not a readable checkpoint (Error while deserializing header",
+        "another_model": "its weights do not fit the model its config.json describes: tensors "
+        f"{len(third_layer)} missing (first blocks.2.{min(third_layer)})",
+    }
+    for name, message in messages.items():
+        with pytest.raises(CheckpointError) as error:
+            load_model(cases[name])
+        assert str(error.value).startswith(f"{cases[name]}: {message}"), error.value
+    (newest / "optimizer.safetensors").write_bytes(b"\0" * 16)
+    files = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    with pytest.raises(CheckpointError, match=f"^{newest}: not a readable checkpoint"):
+        train(prepared.dataset.path, prepared.vocab, run_dir, FAST, log=lambda _: None)
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == files
+    with pytest.raises(CheckpointError, match="not a readable checkpoint .Expecting prop"):
+        read_state(cases["broken_json"])
 
 
 def test_a_finished_run_is_returned_as_it_was_not_trained_again(prepared, tmp_path):

@@ -8,19 +8,64 @@ folder and renamed, so a crash never leaves half a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from meloformer_model.model import MeloFormer, ModelConfig, backend_for
 from meloformer_model.tokenizer.config import TokenizerConfig
 
 BEST = "best.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be read back, named with the reason."""
+
+
+@contextlib.contextmanager
+def _reading(folder: Path) -> Iterator[None]:
+    """Missing or corrupt files become a ``CheckpointError`` naming the folder (a truncated
+    weights file raises safetensors' own error type)."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        raise CheckpointError(f"{folder}: not a readable checkpoint ({exc})") from exc
+
+
+def _load_weights(folder: Path, model: MeloFormer, device) -> None:
+    """The checkpoint's weights into ``model``, refused in one line when they do not fit it
+    (``load_state_dict`` reports every tensor, over many lines)."""
+    weights = load_file(folder / "model.safetensors", device=str(device))
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    stored = {name: tuple(t.shape) for name, t in weights.items()}
+    problems = [
+        f"{len(names)} {what} (first {min(names)})"
+        for what, names in (
+            ("missing", expected.keys() - stored.keys()),
+            ("unexpected", stored.keys() - expected.keys()),
+            (
+                "of another shape",
+                {n for n in expected.keys() & stored.keys() if expected[n] != stored[n]},
+            ),
+        )
+        if names
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{folder}: its weights do not fit the model its config.json describes: "
+            f"tensors {', '.join(problems)}"
+        )
+    model.load_state_dict(weights)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -67,20 +112,23 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[MeloFo
     configs."""
     folder = Path(folder)
     configs = read_configs(folder)
-    config = ModelConfig.from_dict(configs["model"])
-    model = MeloFormer(replace(config, backend=backend_for(device)))
-    model.load_state_dict(load_file(folder / "model.safetensors", device=str(device)))
+    with _reading(folder):
+        config = ModelConfig.from_dict(configs["model"])
+        model = MeloFormer(replace(config, backend=backend_for(device)))
+        _load_weights(folder, model, device)
     return model.to(device), configs
 
 
 def read_configs(folder: Path) -> dict:
     """The model, training and tokenizer configs a checkpoint was saved with."""
-    return json.loads((Path(folder) / "config.json").read_text())
+    with _reading(folder):
+        return json.loads((Path(folder) / "config.json").read_text())
 
 
 def read_state(folder: Path) -> dict:
     """Step, data position, history and optimizer hyperparameters at the checkpoint."""
-    return json.loads((Path(folder) / "state.json").read_text())
+    with _reading(folder):
+        return json.loads((Path(folder) / "state.json").read_text())
 
 
 def tokenizer_config(configs: dict) -> TokenizerConfig:
@@ -92,19 +140,20 @@ def restore_training(
 ) -> dict:
     """Load weights, optimizer moments and RNG state in place; return the saved state."""
     folder = Path(folder)
-    model.load_state_dict(load_file(folder / "model.safetensors", device=str(device)))
-    tensors = load_file(folder / "optimizer.safetensors")
     state = read_state(folder)
-    per_param: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("rng."):
-            continue
-        index, name = key.split(".", 1)
-        per_param.setdefault(int(index), {})[name] = value.to(device) if value.ndim else value
-    saved = optimizer.state_dict()
-    for group, stored in zip(saved["param_groups"], state["param_groups"]):
-        group.update(stored)
-    optimizer.load_state_dict({"state": per_param, "param_groups": saved["param_groups"]})
+    with _reading(folder):
+        _load_weights(folder, model, device)
+        tensors = load_file(folder / "optimizer.safetensors")
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("rng."):
+                continue
+            index, name = key.split(".", 1)
+            per_param.setdefault(int(index), {})[name] = value.to(device) if value.ndim else value
+        saved = optimizer.state_dict()
+        for group, stored in zip(saved["param_groups"], state["param_groups"]):
+            group.update(stored)
+        optimizer.load_state_dict({"state": per_param, "param_groups": saved["param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
