@@ -1,8 +1,10 @@
-"""Atomic file output: write beside the target, then rename, so readers never see half a file."""
+"""Atomic output: write beside the target, then rename, so readers never see half a file or a
+folder that mixes two writes."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +34,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; on success it takes ``path``'s place.
+    A folder already there is moved aside first and removed after, so readers see the old
+    folder or the whole new one, never a mix (nor files a smaller rewrite left behind); on
+    failure the old one stays as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp creates 0700
+    aside = tmp.with_name(f"{tmp.name}.old")
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, aside)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if aside.exists():
+                os.replace(aside, path)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:

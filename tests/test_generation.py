@@ -146,6 +146,34 @@ def test_evaluation_report_files_contain_the_figures(checkpoint, prepared, tmp_p
     assert summary["validation"]["loss"] == pytest.approx(trained, rel=1e-5)
 
 
+def test_a_report_is_replaced_whole_or_not_at_all(checkpoint, prepared, tmp_path, monkeypatch):
+    """Re-evaluating with fewer pieces leaves no stale samples of the larger report; an
+    evaluation failing half-way through writing leaves the previous report as it was."""
+    from meloformer_model.evaluation import report
+
+    def evaluate(pieces: int):
+        return evaluate_checkpoint(checkpoint, prepared.dataset.path, prepared.vocab,
+                                   tmp_path / "report", pieces=pieces, bars=1,
+                                   sampling=SamplingConfig(max_tokens=200))  # fmt: skip
+
+    evaluate(2)
+    one = evaluate(1)
+    files = sorted(p.name for p in (tmp_path / "report").iterdir())
+    assert [n for n in files if n.startswith("generated_")] == [one.samples[0].name]
+    assert len([n for n in files if n.startswith(("real_", "pianoroll_"))]) == 2
+    before = {p.name: p.read_bytes() for p in (tmp_path / "report").iterdir()}
+
+    def broken(real, generated, path):
+        path.write_bytes(b"half a picture")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report, "save_comparison", broken)
+    with pytest.raises(OSError, match="disk full"):
+        evaluate(2)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "report").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no temporary folder left
+
+
 def test_cli_generate(checkpoint, tmp_path):
     out = tmp_path / "cli.mid"
     proc = subprocess.run(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from meloformer_model.atomic import write_bytes_atomic
+from meloformer_model.atomic import atomic_folder, write_bytes_atomic
 
 SPLITS = ("train", "valid", "test")
 MANIFEST = "meloformer_dataset.json"
@@ -203,13 +202,11 @@ def build_arrow_dataset(
         return DatasetBuild(target, version, manifest, [], [])
 
     old = _previous_manifest(previous)
-    tmp = out_root / f".tmp-{version}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for split in SPLITS:
-        (tmp / split).mkdir(parents=True)
     shard_stats: dict[str, dict] = {}
     written, linked = [], []
-    try:
+    with atomic_folder(target) as tmp:
+        for split in SPLITS:
+            (tmp / split).mkdir()
         for shard in shards:
             name = f"data-{shard}.arrow"
             reusable = (
@@ -226,10 +223,6 @@ def build_arrow_dataset(
             )
             written.append(shard)
         manifest = _finish(tmp, shards, shard_stats, plan.settings, version, config, out_root)
-        out_root.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return DatasetBuild(target, version, manifest, written, linked)
 
 

@@ -15,15 +15,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from meloformer_model.atomic import write_bytes_atomic
+from meloformer_model.atomic import atomic_folder
 from meloformer_model.data.midi_io import write_midi
 from meloformer_model.evaluation import metrics
 from meloformer_model.evaluation.plots import save_comparison, save_loss_curve
-from meloformer_model.generation import SamplingConfig, generate_batch
+from meloformer_model.generation import generate_batch
 from meloformer_model.model import build_masks, regular_stream
+from meloformer_model.sampling import SamplingConfig
 from meloformer_model.tokenizer.hid import HIDTokenizer
 from meloformer_model.tokenizer.vocab import FAMILIES, Vocabulary
-from meloformer_model.training.checkpoint import load_model, tokenizer_config
+from meloformer_model.training.checkpoint import load_model, read_state, tokenizer_config
 from meloformer_model.training.data import IGNORE, PackedLoader
 from meloformer_model.training.trainer import device_for, unigram_loss
 
@@ -95,9 +96,10 @@ def evaluate_checkpoint(
     device: str | None = None,
 ) -> Evaluation:
     """Everything the report shows, written under ``out_dir``; the model runs on ``device``
-    (default: the GPU when there is one: a large model's validation pass is GPU work)."""
+    (default: the GPU when there is one: a large model's validation pass is GPU work). The
+    folder is written whole beside ``out_dir`` and then takes its place: a failed evaluation
+    leaves the previous report as it was, and a smaller one leaves no stale samples behind."""
     sampling = sampling or SamplingConfig(top_k=32, max_tokens=1500)
-    out_dir.mkdir(parents=True, exist_ok=True)
     model, configs = load_model(checkpoint, device_for(device))
     tokenizer = HIDTokenizer(tokenizer_config(configs))
     data = datasets.load_from_disk(str(dataset_path))
@@ -109,7 +111,6 @@ def evaluate_checkpoint(
         bf16=train["bf16"],
     )
     held_out = data["test"] if len(data["test"]) else data["valid"]
-    real_scores, gen_scores, figures, samples = [], [], [], []
     rows = [held_out[i] for i in range(min(pieces, len(held_out)))]
     prompts, reals = [], []
     for row in rows:
@@ -120,38 +121,42 @@ def evaluate_checkpoint(
         reals.append(np.append(ids[:end], tokenizer.vocab["EOS"]))
     config = SamplingConfig(**{**sampling.__dict__, "bars": bars})  # piece i: seed + i
     continuations = generate_batch(model, tokenizer, prompts, config)
-    for i, (row, real_ids, generated) in enumerate(zip(rows, reals, continuations)):
-        real_score, gen_score = tokenizer.decode_score(real_ids), tokenizer.decode_score(generated)
-        real_scores.append(real_score)
-        gen_scores.append(gen_score)
-        stem = Path(row["path"]).stem
-        samples.append(write_midi(gen_score, out_dir / f"generated_{i}_{stem}.mid"))
-        write_midi(real_score, out_dir / f"real_{i}_{stem}.mid")
-        figures.append(save_comparison(real_score, gen_score, out_dir / f"pianoroll_{i}.png"))
+    real_scores = [tokenizer.decode_score(ids) for ids in reals]
+    gen_scores = [tokenizer.decode_score(ids) for ids in continuations]
     comparison = metrics.compare_sets(
         [metrics.piece(tokenizer, s) for s in gen_scores],
         [metrics.piece(tokenizer, s) for s in real_scores],
     )
-    state = json.loads((Path(checkpoint) / "state.json").read_text())
     baseline = unigram_loss(vocab)
-    figures.insert(0, save_loss_curve(state["history"], out_dir / "loss_curve.png", baseline))
     summary = {
         "checkpoint": str(checkpoint),
         "dataset": str(dataset_path),
         "validation": validation,
         "unigram_loss": baseline,
         "comparison": comparison,
-        "pieces": len(samples),
+        "pieces": len(rows),
         "prompt_bars": prompt_bars,
         "generated_bars": bars,
     }
-    write_bytes_atomic(out_dir / "evaluation.json", json.dumps(summary, indent=2).encode())
-    markdown = _markdown(summary)
-    md_path = write_bytes_atomic(out_dir / "report.md", markdown.encode())
-    html_path = write_bytes_atomic(
-        out_dir / "report.html", _html(summary, figures, samples).encode()
+    history = read_state(checkpoint)["history"]
+    with atomic_folder(out_dir) as folder:
+        figures = [save_loss_curve(history, folder / "loss_curve.png", baseline)]
+        samples = []
+        for i, (row, real, generated) in enumerate(zip(rows, real_scores, gen_scores)):
+            stem = Path(row["path"]).stem
+            samples.append(write_midi(generated, folder / f"generated_{i}_{stem}.mid"))
+            write_midi(real, folder / f"real_{i}_{stem}.mid")
+            figures.append(save_comparison(real, generated, folder / f"pianoroll_{i}.png"))
+        (folder / "evaluation.json").write_text(json.dumps(summary, indent=2))
+        (folder / "report.md").write_text(_markdown(summary))
+        (folder / "report.html").write_text(_html(summary, figures, samples))
+    return Evaluation(
+        summary,
+        out_dir / "report.html",
+        out_dir / "report.md",
+        [out_dir / p.name for p in figures],
+        [out_dir / p.name for p in samples],
     )
-    return Evaluation(summary, html_path, md_path, figures, samples)
 
 
 def _metric_rows(summary: dict) -> list[tuple[str, str, str]]:

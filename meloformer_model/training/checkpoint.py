@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import replace
@@ -20,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from meloformer_model.atomic import atomic_folder
 from meloformer_model.model import MeloFormer, ModelConfig, backend_for
 from meloformer_model.tokenizer.config import TokenizerConfig
 
@@ -87,10 +87,7 @@ def save_checkpoint(
     state: dict,
 ) -> Path:
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(folder) as tmp:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(weights, tmp / "model.safetensors")
         save_file(_optimizer_tensors(optimizer), tmp / "optimizer.safetensors")
@@ -98,11 +95,6 @@ def save_checkpoint(
                   for g in optimizer.state_dict()["param_groups"]]  # fmt: skip
         (tmp / "config.json").write_text(json.dumps(configs, indent=2))
         (tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
