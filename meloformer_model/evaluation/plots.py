@@ -9,6 +9,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from meloformer_model.atomic import atomic_path  # noqa: E402
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    """Write the PNG atomically, and close the figure even when that fails (pyplot keeps every
+    open figure alive)."""
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=90, format="png")
+    finally:
+        plt.close(fig)
+    return path
 
 
 def _roll(ax: Axes, score, title: str) -> None:
@@ -28,10 +43,7 @@ def _roll(ax: Axes, score, title: str) -> None:
 def save_piano_roll(score, path: Path, title: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(10, 3.2))
     _roll(ax, score, title or path.stem)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def save_comparison(real, generated, path: Path) -> Path:
@@ -39,10 +51,7 @@ def save_comparison(real, generated, path: Path) -> Path:
     fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=False)
     _roll(axes[0], real, "real (held-out)")
     _roll(axes[1], generated, "generated")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def save_loss_curve(history: list[dict], path: Path, baseline: float | None = None) -> Path:
@@ -56,7 +65,4 @@ def save_loss_curve(history: list[dict], path: Path, baseline: float | None = No
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
