@@ -1,6 +1,6 @@
 """Blocking checks on the Arrow dataset: a failing one stops training from using it.
 
-The four checks run in one step that opens the dataset version once (its per-shard Arrow
+The checks run in one step that opens the dataset version once (its per-shard Arrow
 streams memory-mapped, the files ``datasets.load_from_disk`` reads) and scans only the columns
 each needs (``meloformer_model.data.dataset_checks``). Each is still its own asset check (name,
 result, metadata), and each blocks.

@@ -33,8 +33,8 @@ def test_asset_graph_shape():
     for key in keys - {"midi_corpus"}:
         assert graph.get(dg.AssetKey(key)).code_version, key
     checks = {c.name for c in graph.asset_check_keys}
-    assert checks == {"vocabulary_covers_dataset", "splits_do_not_overlap",
-                      "sequences_not_empty", "buckets_sum_to_totals"}  # fmt: skip
+    assert checks == {"vocabulary_covers_dataset", "splits_do_not_overlap", "sequences_not_empty",
+                      "buckets_sum_to_totals", "train_and_valid_hold_pieces"}  # fmt: skip
 
 
 def test_jobs_sensors_schedule():

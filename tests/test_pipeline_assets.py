@@ -101,9 +101,7 @@ def test_whole_graph_materializes_with_checks_passing(pipeline):
     assert shards == [f"shard-{i:05d}" for i in range(-(-n_files // SHARD_SIZE))]
     assert sorted(instance.get_dynamic_partitions("midi_shards")) == shards
     evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert evaluations == dict.fromkeys(
-        ["vocabulary_covers_dataset", "splits_do_not_overlap", "sequences_not_empty",
-         "buckets_sum_to_totals"], True)  # fmt: skip
+    assert evaluations == dict.fromkeys(dataset_checks.CHECK_NAMES, True)
     rows = load_rows(storage)
     dataset_paths = {p for split in rows.values() for p in split}
     filtered = pl.concat(
@@ -219,6 +217,14 @@ def _edit_stream(dataset: Path, split: str, edit) -> None:
         writer.write_table(pa.Table.from_pylist(rows, schema=SCHEMA))
 
 
+def _empty_split(dataset: Path, split: str) -> None:
+    """Every shard stream of the split with no rows (a small corpus can leave valid empty)."""
+    for path in sorted((dataset / split).glob("data-*.arrow")):
+        path.unlink()
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA):
+            pass
+
+
 def _first_row(dataset: Path, split: str = "train") -> dict:
     for path in sorted((dataset / split).glob("data-*.arrow")):
         rows = pa.ipc.open_stream(pa.memory_map(str(path))).read_all().to_pylist()
@@ -296,6 +302,8 @@ CORRUPTIONS = {
                        {"sequences_not_empty", "buckets_sum_to_totals"}),
     "bucket_sum": (lambda d: _edit_manifest(d, _bucket_sum), {"buckets_sum_to_totals"}),
     "bucket_split": (lambda d: _edit_manifest(d, _bucket_shift), {"buckets_sum_to_totals"}),
+    "empty_valid": (lambda d: _empty_split(d, "valid"),
+                    {"train_and_valid_hold_pieces", "buckets_sum_to_totals"}),
     "missing_file": (lambda d: sorted((d / "test").glob("data-*.arrow"))[0].unlink(),
                      set(dataset_checks.CHECK_NAMES)),
 }  # fmt: skip

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -251,6 +252,31 @@ def test_unreadable_checkpoints_are_named_with_the_reason(prepared, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == files
     with pytest.raises(CheckpointError, match="not a readable checkpoint .Expecting prop"):
         read_state(cases["broken_json"])
+
+
+def test_a_dataset_the_run_cannot_step_through_is_refused(prepared, tmp_path):
+    """Too few train tokens for one optimizer step, or an empty valid split (a validation loss
+    of 0 picked the best checkpoint): named with the numbers, nothing written."""
+    import datasets
+
+    lengths = datasets.load_from_disk(str(prepared.dataset.path))["train"]["length"]
+    tokens = sum(lengths)
+    huge = replace(FAST, batch_size=len(windows(np.array(lengths), FAST.seq_len)) + 1)
+    message = (
+        f"the train split's {tokens:,} tokens fill 0 batch(es) of {huge.batch_size} x "
+        f"{FAST.seq_len} tokens, and one optimizer step takes 1: lower batch_size"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(prepared.dataset.path, prepared.vocab, tmp_path / "huge", huge, log=lambda _: None)
+    no_valid = shutil.copytree(prepared.dataset.path, tmp_path / "no-valid")
+    for stream in (no_valid / "valid").glob("*.arrow"):  # each shard's valid rows: none
+        with pa.memory_map(str(stream)) as source:
+            schema = pa.ipc.open_stream(source).schema
+        with pa.OSFile(str(stream), "wb") as sink, pa.ipc.new_stream(sink, schema):
+            pass
+    with pytest.raises(ValueError, match=f"{no_valid}: the valid split is empty"):
+        train(no_valid, prepared.vocab, tmp_path / "run", FAST, log=lambda _: None)
+    assert not (tmp_path / "huge").exists() and not (tmp_path / "run").exists()
 
 
 def test_a_finished_run_is_returned_as_it_was_not_trained_again(prepared, tmp_path):

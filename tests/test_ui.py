@@ -36,7 +36,7 @@ ARTIFACTS = PROJECT_DIR / "build" / "test-artifacts"
 ASSETS = ["midi_corpus", "filtered_midi", "chord_annotations", "hid_tokens", "vocabulary",
           "arrow_dataset"]  # fmt: skip
 CHECKS = {"vocabulary_covers_dataset", "splits_do_not_overlap", "sequences_not_empty",
-          "buckets_sum_to_totals"}  # fmt: skip
+          "buckets_sum_to_totals", "train_and_valid_hold_pieces"}  # fmt: skip
 # Steps exchange nothing through the IO manager (all artifacts are files), so running them in
 # the run worker instead of one subprocess per step (each re-importing torch, ~4 s apiece on two
 # cores) tests the same code path: queue, daemon, run worker, code server, assets and checks.

@@ -1,6 +1,7 @@
 """Checks of a dataset version, column by column over its memory-mapped Arrow streams: every
 id in the vocabulary, no piece in two splits, no empty or ragged sequence, bucket metadata equal
-to the data. The Dagster asset checks (``assets/checks.py``) run these."""
+to the data, pieces in the train and valid splits. The Dagster asset checks
+(``assets/checks.py``) run these."""
 
 import json
 from pathlib import Path
@@ -25,6 +26,7 @@ CHECK_DESCRIPTIONS = {
     "splits_do_not_overlap": "No piece in two splits.",
     "sequences_not_empty": "No empty or ragged sequences.",
     "buckets_sum_to_totals": "Bucket counts sum to totals.",
+    "train_and_valid_hold_pieces": "The train and valid splits hold pieces (training needs both).",
 }
 CHECK_NAMES = tuple(CHECK_DESCRIPTIONS)
 _COLUMNS = {
@@ -32,6 +34,7 @@ _COLUMNS = {
     "splits_do_not_overlap": ("content_hash",),
     "sequences_not_empty": ("length", *LIST_COLUMNS),
     "buckets_sum_to_totals": ("length",),
+    "train_and_valid_hold_pieces": ("length",),
 }
 
 
@@ -111,6 +114,13 @@ def sequences_consistent(tables: dict[str, pa.Table]) -> tuple[bool, dict]:
     return empty == 0 and ragged == 0, {"empty": empty, "ragged": ragged}
 
 
+def splits_trainable(tables: dict[str, pa.Table]) -> tuple[bool, dict]:
+    """Pieces per split: training steps through train and picks its best checkpoint on valid (a
+    small corpus can leave valid empty at the default 5 %)."""
+    pieces = {split: tables[split].num_rows for split in SPLITS}
+    return pieces["train"] > 0 and pieces["valid"] > 0, pieces
+
+
 def buckets_match(tables: dict[str, pa.Table], manifest: dict) -> tuple[bool, dict]:
     """Per split: bucket sums == manifest totals == the data; buckets == the data's lengths."""
     bucket_size = int(manifest["bucket_size"])
@@ -151,6 +161,8 @@ def evaluate(path: Path, vocabulary: Path, names: tuple[str, ...] = CHECK_NAMES)
             results[name] = splits_disjoint(tables)
         elif name == "sequences_not_empty":
             results[name] = sequences_consistent(tables)
+        elif name == "train_and_valid_hold_pieces":
+            results[name] = splits_trainable(tables)
         else:
             try:
                 results[name] = buckets_match(tables, manifest)

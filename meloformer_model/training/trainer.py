@@ -352,6 +352,7 @@ def train(
                                 rank=rank, world=world)  # fmt: skip
     valid_loader = PackedLoader(data["valid"], config.batch_size, config.seq_len, shuffle=False,
                                 rank=rank, world=world)  # fmt: skip
+    _require_batches(dataset_path, config, train_loader, valid_loader, world)
     overrides = {"n_kv_head": config.n_kv_head} if config.n_kv_head else {}
     model_cfg = model_config(config.size, len(vocab), backend=backend_for(dev),
                              gradient_checkpointing=config.gradient_checkpointing,
@@ -379,9 +380,6 @@ def train(
     def autocast():
         return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=config.bf16)
 
-    steps_per_epoch = len(train_loader.plan(0))
-    if steps_per_epoch < config.grad_accum:
-        raise ValueError(f"{dataset_path}: too little training data for one optimizer step")
     stream = _batches(train_loader, state["epoch"], state["batch"])
     history = state["history"]
     started = time.perf_counter()
@@ -557,6 +555,32 @@ def _require_same_run(out_dir: Path, checkpoint: Path, config: TrainConfig, run:
         raise ValueError(
             f"{out_dir} holds a run already at step {step}, past max_steps {config.max_steps}: "
             f"ask for at least {step} steps, or train into another folder"
+        )
+
+
+def _require_batches(
+    dataset_path: Path,
+    config: TrainConfig,
+    train_loader: PackedLoader,
+    valid_loader: PackedLoader,
+    world: int,
+) -> None:
+    """Refuse, by the numbers, a dataset the run cannot step through: a train split short of
+    one optimizer step's batches, or an empty valid split (its loss would read 0 and pick the
+    best checkpoint)."""
+    batches = len(train_loader)
+    if batches < config.grad_accum:
+        tokens = int(train_loader.lengths.sum())
+        per = f" per process ({world})" if world > 1 else ""
+        raise ValueError(
+            f"{dataset_path}: the train split's {tokens:,} tokens fill {batches} batch(es) of "
+            f"{config.batch_size} x {config.seq_len} tokens{per}, and one optimizer step takes "
+            f"{config.grad_accum}: lower batch_size, seq_len or grad_accum, or add pieces"
+        )
+    if not len(valid_loader.lengths):
+        raise ValueError(
+            f"{dataset_path}: the valid split is empty, and the validation loss picks the best "
+            "checkpoint: rebuild the dataset with more pieces or a larger valid_fraction"
         )
 
 
