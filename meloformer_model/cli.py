@@ -334,16 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "SEED, SEED+1, ...), written as OUT-1.mid ... OUT-N.mid")  # fmt: skip
     p.add_argument("--prompt", help="MIDI file to continue (default: start from scratch)")
     p.add_argument("--prompt-bars", type=int, help="use only the first N bars of the prompt")
+    defaults = SamplingConfig()
     p.add_argument(
-        "--bars",
-        type=int,
-        default=SamplingConfig().bars,
-        help="bars to generate (default %(default)s)",
+        "--bars", type=int, default=defaults.bars, help="bars to generate (default %(default)s)"
     )
     p.add_argument("--instruments", type=int, nargs="+", help="GM programs allowed (128 = drums)")
     p.add_argument("--tempo", type=float, help="BPM (default: the tokenizer's)")
     p.add_argument("--time-signature", type=_time_signature, help="N/D (default: the tokenizer's)")
-    defaults = SamplingConfig()
     p.add_argument(
         "--temperature",
         type=float,
