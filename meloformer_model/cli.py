@@ -250,6 +250,34 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"{len(ids)} tokens, {notes} notes in {tracks} tracks -> {path}")
 
 
+def _dataset_and_vocabulary(args: argparse.Namespace) -> tuple[Path, Vocabulary]:
+    dataset = Path(args.dataset)
+    if not (dataset / "dataset_dict.json").is_file():
+        raise CliError(f"{dataset}: not an Arrow dataset version folder (no dataset_dict.json)")
+    try:
+        return dataset, Vocabulary.load(args.vocab)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CliError(f"{args.vocab}: not a vocabulary ({exc})") from exc
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    """The evaluation report of a checkpoint outside Dagster (what ``evaluation_report``
+    writes): for runs trained with ``meloformer train``."""
+    from meloformer_model.evaluation.report import evaluate_checkpoint
+
+    dataset, vocab = _dataset_and_vocabulary(args)
+    chosen = {name: getattr(args, name) for name in ("pieces", "bars") if getattr(args, name)}
+    try:
+        ev = evaluate_checkpoint(Path(args.checkpoint), dataset, vocab, Path(args.out),
+                                 device=args.device, **chosen)  # fmt: skip
+    except ValueError as exc:  # CheckpointError, tokenizer mismatch, device
+        raise CliError(str(exc)) from exc
+    v, c = ev.summary["validation"], ev.summary["comparison"]
+    print(f"validation perplexity {v['perplexity']:.3f} ({v['loss']:.4f} nats/token over "
+          f"{v['tokens']:,} tokens), similarity error {c['similarity_error']:.4f}, "
+          f"{len(ev.samples)} pieces; report {ev.html}")  # fmt: skip
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """Train (or resume) a run outside Dagster; under ``torchrun`` every process runs this."""
     import torch
@@ -262,13 +290,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         config = profile_config(args.profile, args.size, max_steps=args.max_steps, bf16=bf16)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
-    dataset = Path(args.dataset)
-    if not (dataset / "dataset_dict.json").is_file():
-        raise CliError(f"{dataset}: not an Arrow dataset version folder (no dataset_dict.json)")
-    try:
-        vocab = Vocabulary.load(args.vocab)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CliError(f"{args.vocab}: not a vocabulary ({exc})") from exc
+    dataset, vocab = _dataset_and_vocabulary(args)
     setup_distributed()
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
@@ -388,6 +410,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when there is one)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="a checkpoint's evaluation report: perplexity per token family, generated against "
+        "held-out music, piano rolls, samples",
+    )
+    p.add_argument("checkpoint", help="checkpoint folder (step-NNNNNNN)")
+    p.add_argument("--dataset", required=True, help="the Arrow dataset version to evaluate on")
+    p.add_argument("--vocab", required=True, help="its vocab.json")
+    p.add_argument("--out", required=True, help="the report's folder (replaced whole)")
+    p.add_argument("--pieces", type=_positive_int, help="held-out pieces to continue")
+    p.add_argument("--bars", type=_positive_int, help="bars generated per piece")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when there is one)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("inspect", help="bars, chords and tokens of a MIDI file, readable")
     p.add_argument("file")

@@ -290,3 +290,33 @@ def test_cli_names_bad_generation_settings(checkpoint, tmp_path, capsys):
     assert exit_.value.code == 2
     assert "argument --time-signature: 'four' is not N/D" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cli_evaluate_writes_the_report_and_refuses_another_tokenizer(
+    checkpoint, prepared, tmp_path, capsys
+):
+    """``meloformer evaluate`` writes what the asset writes; a dataset built with another
+    tokenizer is refused by name (its ids would mean other tokens), leaving no report."""
+    import shutil
+
+    from meloformer_model.cli import main
+    from meloformer_model.data.dataset import MANIFEST
+
+    base = ["evaluate", str(checkpoint), "--vocab", str(prepared.vocab_path)]
+    out = tmp_path / "report"
+    assert main([*base, "--dataset", str(prepared.dataset.path), "--out", str(out),
+                 "--pieces", "1", "--bars", "1"]) == 0  # fmt: skip
+    summary = json.loads((out / "evaluation.json").read_text())
+    printed = capsys.readouterr().out.strip()
+    assert printed.startswith(f"validation perplexity {summary['validation']['perplexity']:.3f}")
+    assert printed.endswith(f"1 pieces; report {out / 'report.html'}")
+    assert summary["pieces"] == summary["generated_bars"] == 1
+    other = shutil.copytree(prepared.dataset.path, tmp_path / "other-tokenizer")
+    manifest = json.loads((other / MANIFEST).read_text())
+    manifest["settings"]["vocab_hash"] = "0123456789abcdef"
+    (other / MANIFEST).write_text(json.dumps(manifest))
+    assert main([*base, "--dataset", str(other), "--out", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"meloformer evaluate: {checkpoint} was trained with tokenizer ")
+    assert f", {other} uses 0123456789abcdef: its token ids mean other tokens" in err
+    assert not (tmp_path / "none").exists()

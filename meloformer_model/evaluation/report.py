@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from meloformer_model.atomic import atomic_folder
+from meloformer_model.data.dataset import MANIFEST
 from meloformer_model.data.midi_io import write_midi
 from meloformer_model.evaluation import metrics
 from meloformer_model.evaluation.plots import save_comparison, save_loss_curve
@@ -101,6 +102,7 @@ def evaluate_checkpoint(
     leaves the previous report as it was, and a smaller one leaves no stale samples behind."""
     sampling = sampling or SamplingConfig(top_k=32, max_tokens=1500)
     model, configs = load_model(checkpoint, device_for(device))
+    _require_one_tokenizer(checkpoint, configs, dataset_path, vocab)
     tokenizer = HIDTokenizer(tokenizer_config(configs))
     data = datasets.load_from_disk(str(dataset_path))
     train = configs["train"]
@@ -157,6 +159,24 @@ def evaluate_checkpoint(
         [out_dir / p.name for p in figures],
         [out_dir / p.name for p in samples],
     )
+
+
+def _require_one_tokenizer(
+    checkpoint: Path, configs: dict, dataset_path: Path, vocab: Vocabulary
+) -> None:
+    """The checkpoint, the dataset and the vocabulary must share one tokenizer: under another,
+    every id names another token and the figures would be nonsense, not an error."""
+    trained = configs.get("vocab_hash")  # absent in checkpoints from before run keys
+    manifest = Path(dataset_path) / MANIFEST
+    built = (
+        json.loads(manifest.read_text())["settings"]["vocab_hash"] if manifest.exists() else None
+    )
+    for what, found in (("the vocabulary given", vocab.config_hash()), (str(dataset_path), built)):
+        if trained and found and found != trained:
+            raise ValueError(
+                f"{checkpoint} was trained with tokenizer {trained}, {what} uses {found}: its "
+                "token ids mean other tokens"
+            )
 
 
 def _metric_rows(summary: dict) -> list[tuple[str, str, str]]:
