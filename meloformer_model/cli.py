@@ -27,7 +27,7 @@ from meloformer_model.data.tokenize_corpus import (
     results_table,
     tokenize_files,
 )
-from meloformer_model.sampling import SamplingConfig
+from meloformer_model.sampling import EVAL_BARS, EVAL_PIECES, SamplingConfig
 from meloformer_model.tokenizer.config import TokenizerConfig
 from meloformer_model.tokenizer.hid import HIDTokenizer, TokenizeError
 from meloformer_model.tokenizer.vocab import FAMILIES, Vocabulary
@@ -266,10 +266,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from meloformer_model.evaluation.report import evaluate_checkpoint
 
     dataset, vocab = _dataset_and_vocabulary(args)
-    chosen = {name: getattr(args, name) for name in ("pieces", "bars") if getattr(args, name)}
     try:
-        ev = evaluate_checkpoint(Path(args.checkpoint), dataset, vocab, Path(args.out),
-                                 device=args.device, **chosen)  # fmt: skip
+        ev = evaluate_checkpoint(
+            Path(args.checkpoint),
+            dataset,
+            vocab,
+            Path(args.out),
+            pieces=args.pieces,
+            bars=args.bars,
+            device=args.device,
+        )
     except ValueError as exc:  # CheckpointError, tokenizer mismatch, device
         raise CliError(str(exc)) from exc
     v, c = ev.summary["validation"], ev.summary["comparison"]
@@ -420,8 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="the Arrow dataset version to evaluate on")
     p.add_argument("--vocab", required=True, help="its vocab.json")
     p.add_argument("--out", required=True, help="the report's folder (replaced whole)")
-    p.add_argument("--pieces", type=_positive_int, help="held-out pieces to continue")
-    p.add_argument("--bars", type=_positive_int, help="bars generated per piece")
+    p.add_argument(
+        "--pieces",
+        type=_positive_int,
+        default=EVAL_PIECES,
+        help="held-out pieces to continue (default %(default)s)",
+    )
+    p.add_argument("--bars", type=_positive_int, default=EVAL_BARS,
+                   help="bars generated per piece (default %(default)s)")  # fmt: skip
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when there is one)")
     p.set_defaults(func=cmd_evaluate)
 

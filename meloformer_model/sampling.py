@@ -1,5 +1,6 @@
-"""How generation samples: the settings and their checks. Kept free of torch, so the command line
-shows the defaults without loading the model code."""
+"""How generation samples, and what the evaluation report generates: the settings, their checks
+and defaults. Kept free of torch, so the command line and the Dagster resources show the defaults
+without loading the model code."""
 
 from __future__ import annotations
 
@@ -32,3 +33,10 @@ class SamplingConfig:
             problems.append(f"bars {self.bars} must be >= 1")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+# The evaluation report: held-out pieces, each continued from its first bars for a few more.
+EVAL_PIECES = 4
+EVAL_PROMPT_BARS = 2
+EVAL_BARS = 6
+EVAL_SAMPLING = SamplingConfig(top_k=32, max_tokens=1500)

@@ -10,6 +10,7 @@ from pydantic import Field
 from meloformer_model.data.parallel import available_cores
 from meloformer_model.data.shards import DEFAULT_SHARD_SIZE
 from meloformer_model.paths import PROJECT_DIR, SAMPLE_CORPUS_DIR
+from meloformer_model.sampling import EVAL_BARS, EVAL_PIECES
 
 if TYPE_CHECKING:
     from meloformer_model.training.trainer import TrainConfig
@@ -70,8 +71,10 @@ class TrainingSettings(dg.ConfigurableResource):
     size: str = Field(default="", description="model size; empty: the profile's")
     processes: int = Field(default=1, ge=1, description="training processes (torchrun: DDP)")
     max_steps: int = Field(default=0, ge=0, description="optimizer steps; 0: the profile's")
-    eval_pieces: int = Field(default=4, ge=1, description="pieces the evaluation generates")
-    eval_bars: int = Field(default=6, ge=1, description="bars generated per piece")
+    eval_pieces: int = Field(
+        default=EVAL_PIECES, ge=1, description="held-out pieces the evaluation continues"
+    )
+    eval_bars: int = Field(default=EVAL_BARS, ge=1, description="bars generated per piece")
 
     def config(self) -> "TrainConfig":
         from meloformer_model.training.trainer import profile_config  # torch: only when training

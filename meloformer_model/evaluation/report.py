@@ -22,7 +22,13 @@ from meloformer_model.evaluation import metrics
 from meloformer_model.evaluation.plots import save_comparison, save_loss_curve
 from meloformer_model.generation import generate_batch
 from meloformer_model.model import build_masks, regular_stream
-from meloformer_model.sampling import SamplingConfig
+from meloformer_model.sampling import (
+    EVAL_BARS,
+    EVAL_PIECES,
+    EVAL_PROMPT_BARS,
+    EVAL_SAMPLING,
+    SamplingConfig,
+)
 from meloformer_model.tokenizer.hid import HIDTokenizer
 from meloformer_model.tokenizer.vocab import FAMILIES, Vocabulary
 from meloformer_model.training.checkpoint import load_model, read_state, tokenizer_config
@@ -90,17 +96,16 @@ def evaluate_checkpoint(
     dataset_path: Path,
     vocab: Vocabulary,
     out_dir: Path,
-    pieces: int = 4,
-    prompt_bars: int = 2,
-    bars: int = 6,
-    sampling: SamplingConfig | None = None,
+    pieces: int = EVAL_PIECES,
+    prompt_bars: int = EVAL_PROMPT_BARS,
+    bars: int = EVAL_BARS,
+    sampling: SamplingConfig = EVAL_SAMPLING,
     device: str | None = None,
 ) -> Evaluation:
     """Everything the report shows, written under ``out_dir``; the model runs on ``device``
     (default: the GPU when there is one: a large model's validation pass is GPU work). The
     folder is written whole beside ``out_dir`` and then takes its place: a failed evaluation
     leaves the previous report as it was, and a smaller one leaves no stale samples behind."""
-    sampling = sampling or SamplingConfig(top_k=32, max_tokens=1500)
     model, configs = load_model(checkpoint, device_for(device))
     _require_one_tokenizer(checkpoint, configs, dataset_path, vocab)
     tokenizer = HIDTokenizer(tokenizer_config(configs))
