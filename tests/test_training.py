@@ -49,6 +49,11 @@ FAST = replace(PROFILES["cpu"], seq_len=128, batch_size=4, max_steps=6, eval_eve
                checkpoint_every=3, warmup_steps=2)  # fmt: skip
 
 
+def _written(folder: Path) -> dict[Path, int]:
+    """The run's files and their times, the lock left out (it records who trains there)."""
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.name != trainer.LOCK}
+
+
 def test_settings_no_run_can_use_are_refused_by_name():
     """Every problem in one message, before any data is read (a zero max_steps used to fail
     deep in the trainer with an IndexError)."""
@@ -246,10 +251,10 @@ def test_unreadable_checkpoints_are_named_with_the_reason(prepared, tmp_path):
             load_model(cases[name])
         assert str(error.value).startswith(f"{cases[name]}: {message}"), error.value
     (newest / "optimizer.safetensors").write_bytes(b"\0" * 16)
-    files = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    files = _written(run_dir)
     with pytest.raises(CheckpointError, match=f"^{newest}: not a readable checkpoint"):
         train(prepared.dataset.path, prepared.vocab, run_dir, FAST, log=lambda _: None)
-    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == files
+    assert _written(run_dir) == files
     with pytest.raises(CheckpointError, match="not a readable checkpoint .Expecting prop"):
         read_state(cases["broken_json"])
 
@@ -276,18 +281,37 @@ def test_a_dataset_the_run_cannot_step_through_is_refused(prepared, tmp_path):
             pass
     with pytest.raises(ValueError, match=f"{no_valid}: the valid split is empty"):
         train(no_valid, prepared.vocab, tmp_path / "run", FAST, log=lambda _: None)
-    assert not (tmp_path / "huge").exists() and not (tmp_path / "run").exists()
+    for refused in (tmp_path / "huge", tmp_path / "run"):  # the run lock, and nothing else
+        assert [p.name for p in refused.iterdir()] == [trainer.LOCK]
+
+
+def test_a_second_training_into_one_folder_is_refused_by_pid(prepared, tmp_path):
+    """While one process trains into a folder (holds its lock), another is refused, naming the
+    holder, and changes nothing; once it is released the folder trains as usual."""
+    import fcntl
+
+    run_dir = tmp_path / "run"
+    train(prepared.dataset.path, prepared.vocab, run_dir, FAST, stop_at=3, log=lambda _: None)
+    files = _written(run_dir)
+    with open(run_dir / trainer.LOCK, "a+") as other:  # another open file: another holder
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.seek(0), other.truncate(), other.write("4242"), other.flush()
+        with pytest.raises(ValueError, match=f"^{run_dir}: another process .pid 4242. is train"):
+            train(prepared.dataset.path, prepared.vocab, run_dir, FAST, log=lambda _: None)
+        assert _written(run_dir) == files
+    result = train(prepared.dataset.path, prepared.vocab, run_dir, FAST, log=lambda _: None)
+    assert result.history[-1]["step"] == FAST.max_steps
 
 
 def test_a_finished_run_is_returned_as_it_was_not_trained_again(prepared, tmp_path):
     first = train(prepared.dataset.path, prepared.vocab, tmp_path, FAST, log=lambda _: None)
     assert first.tokens_per_second > 0 and (tmp_path / SUMMARY).exists()
-    files = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    files = _written(tmp_path)
     steps, logs = [], []
     again = train(prepared.dataset.path, prepared.vocab, tmp_path, FAST, log=logs.append,
                   metrics=steps.append)  # fmt: skip
     assert steps == []  # no training step ran
-    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == files
+    assert _written(tmp_path) == files
     assert again.figures() == first.figures()  # tokens/s, losses, wall time: the first run's
     assert any("reused" in line for line in logs)
     weights = zip(first.model.state_dict().values(), again.model.state_dict().values())
@@ -316,7 +340,7 @@ def test_resuming_another_run_is_refused_and_changes_nothing(prepared, tmp_path)
     """Another config, or the same config on another dataset version, is another run."""
     run_dir = tmp_path / "run"
     train(prepared.dataset.path, prepared.vocab, run_dir, FAST, stop_at=3, log=lambda _: None)
-    files = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    files = _written(run_dir)
     version = prepared.dataset.path.name
     other_version = shutil.copytree(prepared.dataset.path, tmp_path / "0123456789abcdef")
     refused = {
@@ -333,7 +357,7 @@ def test_resuming_another_run_is_refused_and_changes_nothing(prepared, tmp_path)
         with pytest.raises(ValueError, match=message) as refusal:
             train(dataset, prepared.vocab, run_dir, config, log=lambda _: None)
         assert str(run_dir) in str(refusal.value)
-        assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == files
+        assert _written(run_dir) == files
 
 
 def test_compiled_blocks_are_refused_where_the_dense_backend_trains(prepared, tmp_path):
@@ -342,7 +366,7 @@ def test_compiled_blocks_are_refused_where_the_dense_backend_trains(prepared, tm
     with pytest.raises(ValueError, match="compiled blocks need the flex backend"):
         train(prepared.dataset.path, prepared.vocab, tmp_path / "run",
               replace(FAST, compile_blocks=True), device="cpu", log=lambda _: None)  # fmt: skip
-    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    assert not _written(tmp_path / "run")
 
 
 def test_the_run_key_names_the_trajectory_not_its_length_or_measurements():

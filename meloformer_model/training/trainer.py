@@ -10,13 +10,14 @@ the tests), ``h100``/``h800`` are the upstream recipes at 8192 tokens.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -311,6 +312,38 @@ def device_for(requested: str | None = None) -> torch.device:
     return device
 
 
+LOCK = ".lock"  # in the run folder: the pid of the process training into it
+
+
+@contextlib.contextmanager
+def _run_lock(out_dir: Path, rank: int) -> Iterator[None]:
+    """One training writes a run folder at a time (rank 0 holds the lock for a DDP run): a
+    second one would resume from the same checkpoint and overwrite the first's. The lock goes
+    with the process, so a killed run leaves none behind."""
+    if rank:
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise ValueError(
+                f"{out_dir}: another process (pid {holder}) is training into this folder: wait "
+                "for it to finish, or train into another folder"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def train(
     dataset_path: Path,
     vocab: Vocabulary,
@@ -327,9 +360,25 @@ def train(
     Resuming needs the checkpoint's config up to ``TRAJECTORY_NEUTRAL`` fields, else ValueError
     (train another config into another folder). A raised ``max_steps`` continues the run with the
     cosine schedule recomputed for the new length, so its steps from there on follow a schedule
-    the earlier steps did not; a ``max_steps`` below the checkpoint's step is refused."""
-    dev = device_for(device)
+    the earlier steps did not; a ``max_steps`` below the checkpoint's step is refused. Another
+    process training into ``out_dir`` is refused by its pid."""
     out_dir = Path(out_dir)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    with _run_lock(out_dir, rank):
+        return _train(dataset_path, vocab, out_dir, config, device, stop_at, log, metrics)
+
+
+def _train(
+    dataset_path: Path,
+    vocab: Vocabulary,
+    out_dir: Path,
+    config: TrainConfig,
+    device: str | None,
+    stop_at: int | None,
+    log: Callable[[str], None],
+    metrics: Callable[[dict], None] | None,
+) -> TrainResult:
+    dev = device_for(device)
     done = completed_run(out_dir, config, dataset_path)
     if done is not None:
         log(f"{out_dir}: finished its {config.max_steps} steps on this config and dataset; reused")
