@@ -295,7 +295,9 @@ def test_a_second_training_into_one_folder_is_refused_by_pid(prepared, tmp_path)
     files = _written(run_dir)
     with open(run_dir / trainer.LOCK, "a+") as other:  # another open file: another holder
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        other.seek(0), other.truncate(), other.write("4242"), other.flush()
+        other.truncate(0)
+        other.write("4242")
+        other.flush()
         with pytest.raises(ValueError, match=f"^{run_dir}: another process .pid 4242. is train"):
             train(prepared.dataset.path, prepared.vocab, run_dir, FAST, log=lambda _: None)
         assert _written(run_dir) == files
