@@ -179,6 +179,7 @@ def evaluation_report(
         out,
         pieces=training.eval_pieces,
         bars=training.eval_bars,
+        log=context.log.info,
     )
     s = ev.summary
     return dg.MaterializeResult(

@@ -275,6 +275,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             pieces=args.pieces,
             bars=args.bars,
             device=args.device,
+            log=lambda line: print(line, file=sys.stderr),  # stdout: the summary line alone
         )
     except ValueError as exc:  # CheckpointError, tokenizer mismatch, device
         raise CliError(str(exc)) from exc

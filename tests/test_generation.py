@@ -293,21 +293,38 @@ def test_cli_names_bad_generation_settings(checkpoint, tmp_path, capsys):
 
 
 def test_cli_evaluate_writes_the_report_and_refuses_another_tokenizer(
-    checkpoint, prepared, tmp_path, capsys
+    checkpoint, prepared, tmp_path, capsys, monkeypatch
 ):
-    """``meloformer evaluate`` writes what the asset writes; a dataset built with another
+    """``meloformer evaluate`` writes what the asset writes and reports each stage on stderr
+    (here every validation batch: progress at least every 0 s); a dataset built with another
     tokenizer is refused by name (its ids would mean other tokens), leaving no report."""
+    import re
     import shutil
 
     from meloformer_model.cli import main
     from meloformer_model.data.dataset import MANIFEST
+    from meloformer_model.evaluation import report
+
+    monkeypatch.setattr(report, "PROGRESS_EVERY_S", 0.0)
 
     base = ["evaluate", str(checkpoint), "--vocab", str(prepared.vocab_path)]
     out = tmp_path / "report"
     assert main([*base, "--dataset", str(prepared.dataset.path), "--out", str(out),
                  "--pieces", "1", "--bars", "1"]) == 0  # fmt: skip
     summary = json.loads((out / "evaluation.json").read_text())
-    printed = capsys.readouterr().out.strip()
+    captured = capsys.readouterr()
+    stages = captured.err.strip().splitlines()
+    batches = int(re.match(r"validation: (\d+) batches of \d+ x \d+ tokens on cpu$", stages[0])[1])
+    assert stages[1 : batches + 1] == [
+        f"validation: batch {i}/{batches}" for i in range(1, 1 + batches)
+    ]
+    assert stages[batches + 1 :][:2] == [
+        f"validation perplexity {summary['validation']['perplexity']:.3f} over "
+        f"{summary['validation']['tokens']:,} tokens",
+        "generating 1 continuations of 1 bars",
+    ]
+    assert stages[-1].startswith(f"writing the report to {out} (") and len(stages) == batches + 4
+    printed = captured.out.strip()
     assert printed.startswith(f"validation perplexity {summary['validation']['perplexity']:.3f}")
     assert printed.endswith(f"1 pieces; report {out / 'report.html'}")
     assert summary["pieces"] == summary["generated_bars"] == 1

@@ -7,6 +7,8 @@ from __future__ import annotations
 import html
 import json
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,18 +35,26 @@ from meloformer_model.tokenizer.hid import HIDTokenizer
 from meloformer_model.tokenizer.vocab import FAMILIES, Vocabulary
 from meloformer_model.training.checkpoint import load_model, read_state, tokenizer_config
 from meloformer_model.training.data import IGNORE, PackedLoader
-from meloformer_model.training.trainer import device_for, unigram_loss
+from meloformer_model.training.trainer import PROGRESS_EVERY_S, device_for, unigram_loss
 
 
 @torch.no_grad()
-def family_perplexity(model, loader: PackedLoader, vocab: Vocabulary, bf16: bool = False) -> dict:
+def family_perplexity(
+    model,
+    loader: PackedLoader,
+    vocab: Vocabulary,
+    bf16: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """Per-token perplexity overall and per family of the *target* token, on the model's
-    device (``bf16``: under bf16 autocast, as the model trained)."""
+    device (``bf16``: under bf16 autocast, as the model trained). ``progress`` hears (batches
+    done, batches in all) after each batch."""
     model.eval()
+    total_batches = len(loader)
     device = model.embed.weight.device
     loss_sum = np.zeros(len(FAMILIES))
     count = np.zeros(len(FAMILIES))
-    for _, batch in loader.epoch(0):
+    for index, batch in loader.epoch(0):
         batch = batch.to(device)
         masks = build_masks(model.config, regular_stream(*batch.side), batch.summary_width)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -57,6 +67,8 @@ def family_perplexity(model, loader: PackedLoader, vocab: Vocabulary, bf16: bool
         families = vocab.family_of(targets[keep].cpu().numpy())
         np.add.at(loss_sum, families, losses.cpu().numpy())
         np.add.at(count, families, 1)
+        if progress:
+            progress(index + 1, total_batches)
     total = loss_sum.sum() / max(count.sum(), 1)
     per_family = {
         f: {"tokens": int(count[i]), "perplexity": math.exp(loss_sum[i] / count[i])}
@@ -101,22 +113,25 @@ def evaluate_checkpoint(
     bars: int = EVAL_BARS,
     sampling: SamplingConfig = EVAL_SAMPLING,
     device: str | None = None,
+    log: Callable[[str], None] = lambda _: None,
 ) -> Evaluation:
     """Everything the report shows, written under ``out_dir``; the model runs on ``device``
     (default: the GPU when there is one: a large model's validation pass is GPU work). The
     folder is written whole beside ``out_dir`` and then takes its place: a failed evaluation
-    leaves the previous report as it was, and a smaller one leaves no stale samples behind."""
+    leaves the previous report as it was, and a smaller one leaves no stale samples behind.
+    ``log`` hears each stage, and the validation pass at least every ``PROGRESS_EVERY_S``."""
+    started = time.monotonic()
     model, configs = load_model(checkpoint, device_for(device))
     _require_one_tokenizer(checkpoint, configs, dataset_path, vocab)
     tokenizer = HIDTokenizer(tokenizer_config(configs))
     data = datasets.load_from_disk(str(dataset_path))
     train = configs["train"]
-    validation = family_perplexity(
-        model,
-        PackedLoader(data["valid"], train["batch_size"], train["seq_len"], shuffle=False),
-        vocab,
-        bf16=train["bf16"],
-    )
+    loader = PackedLoader(data["valid"], train["batch_size"], train["seq_len"], shuffle=False)
+    log(f"validation: {len(loader)} batches of {train['batch_size']} x {train['seq_len']} "
+        f"tokens on {model.embed.weight.device}")  # fmt: skip
+    validation = family_perplexity(model, loader, vocab, train["bf16"], _throttled(log))
+    log(f"validation perplexity {validation['perplexity']:.3f} over {validation['tokens']:,} "
+        "tokens")  # fmt: skip
     held_out = data["test"] if len(data["test"]) else data["valid"]
     rows = [held_out[i] for i in range(min(pieces, len(held_out)))]
     prompts, reals = [], []
@@ -127,6 +142,7 @@ def evaluate_checkpoint(
         prompts.append(ids[:cut].tolist())
         reals.append(np.append(ids[:end], tokenizer.vocab["EOS"]))
     config = SamplingConfig(**{**sampling.__dict__, "bars": bars})  # piece i: seed + i
+    log(f"generating {len(rows)} continuations of {bars} bars")
     continuations = generate_batch(model, tokenizer, prompts, config)
     real_scores = [tokenizer.decode_score(ids) for ids in reals]
     gen_scores = [tokenizer.decode_score(ids) for ids in continuations]
@@ -145,6 +161,7 @@ def evaluate_checkpoint(
         "prompt_bars": prompt_bars,
         "generated_bars": bars,
     }
+    log(f"writing the report to {out_dir} ({time.monotonic() - started:.0f} s so far)")
     history = read_state(checkpoint)["history"]
     with atomic_folder(out_dir) as folder:
         figures = [save_loss_curve(history, folder / "loss_curve.png", baseline)]
@@ -164,6 +181,19 @@ def evaluate_checkpoint(
         [out_dir / p.name for p in figures],
         [out_dir / p.name for p in samples],
     )
+
+
+def _throttled(log: Callable[[str], None]) -> Callable[[int, int], None]:
+    """A progress callback that logs at most every ``PROGRESS_EVERY_S``, and at the end."""
+    last = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        nonlocal last
+        if done == total or time.monotonic() - last >= PROGRESS_EVERY_S:
+            last = time.monotonic()
+            log(f"validation: batch {done}/{total}")
+
+    return progress
 
 
 def _require_one_tokenizer(
