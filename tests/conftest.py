@@ -24,3 +24,20 @@ def prepared(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("prepared")
     return prepare_corpus(SAMPLE_CORPUS_DIR, root, workers=2)
+
+
+@pytest.fixture(scope="session")
+def dataset_without_valid(prepared, tmp_path_factory) -> Path:
+    """A copy of the prepared dataset whose valid split holds no pieces (as a small corpus
+    can leave it): every valid shard stream rewritten empty, with its schema."""
+    import shutil
+
+    import pyarrow as pa
+
+    copy = shutil.copytree(prepared.dataset.path, tmp_path_factory.mktemp("no-valid") / "data")
+    for stream in (copy / "valid").glob("*.arrow"):
+        with pa.memory_map(str(stream)) as source:
+            schema = pa.ipc.open_stream(source).schema
+        with pa.OSFile(str(stream), "wb") as sink, pa.ipc.new_stream(sink, schema):
+            pass
+    return copy

@@ -292,12 +292,13 @@ def test_cli_names_bad_generation_settings(checkpoint, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_cli_evaluate_writes_the_report_and_refuses_another_tokenizer(
-    checkpoint, prepared, tmp_path, capsys, monkeypatch
+def test_cli_evaluate_writes_the_report_and_refuses_what_it_cannot_measure(
+    checkpoint, prepared, dataset_without_valid, tmp_path, capsys, monkeypatch
 ):
     """``meloformer evaluate`` writes what the asset writes and reports each stage on stderr
     (here every validation batch: progress at least every 0 s); a dataset built with another
-    tokenizer is refused by name (its ids would mean other tokens), leaving no report."""
+    tokenizer is refused by name (its ids would mean other tokens), and so is an empty valid
+    split (a perplexity of 1 over no tokens), leaving no report."""
     import re
     import shutil
 
@@ -337,3 +338,8 @@ def test_cli_evaluate_writes_the_report_and_refuses_another_tokenizer(
     assert err.startswith(f"meloformer evaluate: {checkpoint} was trained with tokenizer ")
     assert f", {other} uses 0123456789abcdef: its token ids mean other tokens" in err
     assert not (tmp_path / "none").exists()
+    no_valid = dataset_without_valid
+    assert main([*base, "--dataset", str(no_valid), "--out", str(tmp_path / "none")]) == 1
+    assert capsys.readouterr().err == (
+        f"meloformer evaluate: {no_valid}: the valid split is empty: no perplexity to report\n"
+    )

@@ -125,6 +125,8 @@ def evaluate_checkpoint(
     _require_one_tokenizer(checkpoint, configs, dataset_path, vocab)
     tokenizer = HIDTokenizer(tokenizer_config(configs))
     data = datasets.load_from_disk(str(dataset_path))
+    if not len(data["valid"]):
+        raise ValueError(f"{dataset_path}: the valid split is empty: no perplexity to report")
     train = configs["train"]
     loader = PackedLoader(data["valid"], train["batch_size"], train["seq_len"], shuffle=False)
     log(f"validation: {len(loader)} batches of {train['batch_size']} x {train['seq_len']} "
