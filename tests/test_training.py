@@ -301,6 +301,26 @@ def test_a_second_training_into_one_folder_is_refused_by_pid(prepared, tmp_path)
     assert result.history[-1]["step"] == FAST.max_steps
 
 
+def test_a_filesystem_that_cannot_lock_trains_unlocked_with_a_warning(
+    prepared, tmp_path, monkeypatch
+):
+    """Lustre without its flock option refuses flock (ENOSYS): the run goes on, and says so."""
+    import errno
+    import fcntl
+
+    def refuse(handle, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    lines = []
+    result = train(prepared.dataset.path, prepared.vocab, tmp_path, FAST, log=lines.append)
+    assert result.history[-1]["step"] == FAST.max_steps
+    assert lines[0] == (
+        f"{tmp_path}: this filesystem cannot lock files (Function not implemented); training "
+        "unlocked: start no second training into this folder"
+    )
+
+
 def test_a_finished_run_is_returned_as_it_was_not_trained_again(prepared, tmp_path):
     first = train(prepared.dataset.path, prepared.vocab, tmp_path, FAST, log=lambda _: None)
     assert first.tokens_per_second > 0 and (tmp_path / SUMMARY).exists()

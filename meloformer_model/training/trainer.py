@@ -316,10 +316,11 @@ LOCK = ".lock"  # in the run folder: the pid of the process training into it
 
 
 @contextlib.contextmanager
-def _run_lock(out_dir: Path, rank: int) -> Iterator[None]:
+def _run_lock(out_dir: Path, rank: int, log: Callable[[str], None]) -> Iterator[None]:
     """One training writes a run folder at a time (rank 0 holds the lock for a DDP run): a
     second one would resume from the same checkpoint and overwrite the first's. The lock goes
-    with the process, so a killed run leaves none behind."""
+    with the process, so a killed run leaves none behind. A filesystem that cannot lock
+    (Lustre mounted without flock, some network mounts) trains unlocked, with a warning."""
     if rank:
         yield
         return
@@ -327,6 +328,7 @@ def _run_lock(out_dir: Path, rank: int) -> Iterator[None]:
     with open(out_dir / LOCK, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
@@ -334,14 +336,20 @@ def _run_lock(out_dir: Path, rank: int) -> Iterator[None]:
                 f"{out_dir}: another process (pid {holder}) is training into this folder: wait "
                 "for it to finish, or train into another folder"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        except OSError as exc:
+            log(f"{out_dir}: this filesystem cannot lock files ({exc.strerror}); training "
+                "unlocked: start no second training into this folder")  # fmt: skip
+            locked = False
+        if locked:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def train(
@@ -364,7 +372,7 @@ def train(
     process training into ``out_dir`` is refused by its pid."""
     out_dir = Path(out_dir)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    with _run_lock(out_dir, rank):
+    with _run_lock(out_dir, rank, log):
         return _train(dataset_path, vocab, out_dir, config, device, stop_at, log, metrics)
 
 
