@@ -313,6 +313,17 @@ def cmd_train(args: argparse.Namespace) -> None:
               f"{result.checkpoint}, best {result.best}")  # fmt: skip
 
 
+SAMPLING_HELP = {
+    "bars": "bars to generate",
+    "temperature": "softmax temperature; 0 takes the likeliest token",
+    "top_k": "sample among the k likeliest tokens; 0: all",
+    "top_p": "sample among the likeliest tokens holding this probability",
+    "max_tokens": "tokens per piece, the prompt's included",
+    "seed": "random seed of the first piece",
+}
+DEVICE_HELP = "cpu, cuda, cuda:1 (default: cuda when there is one)"
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
@@ -363,45 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "SEED, SEED+1, ...), written as OUT-1.mid ... OUT-N.mid")  # fmt: skip
     p.add_argument("--prompt", help="MIDI file to continue (default: start from scratch)")
     p.add_argument("--prompt-bars", type=int, help="use only the first N bars of the prompt")
-    defaults = SamplingConfig()
-    p.add_argument(
-        "--bars", type=int, default=defaults.bars, help="bars to generate (default %(default)s)"
-    )
     p.add_argument("--instruments", type=int, nargs="+", help="GM programs allowed (128 = drums)")
     p.add_argument("--tempo", type=float, help="BPM (default: the tokenizer's)")
     p.add_argument("--time-signature", type=_time_signature, help="N/D (default: the tokenizer's)")
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=defaults.temperature,
-        help="softmax temperature; 0 takes the likeliest token (default %(default)s)",
-    )
-    p.add_argument(
-        "--top-k",
-        type=int,
-        default=defaults.top_k,
-        help="sample among the k likeliest tokens; 0: all (default %(default)s)",
-    )
-    p.add_argument(
-        "--top-p",
-        type=float,
-        default=defaults.top_p,
-        help="sample among the likeliest tokens holding this probability (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-tokens",
-        type=int,
-        default=defaults.max_tokens,
-        help="tokens per piece, the prompt's included (default %(default)s)",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=defaults.seed,
-        help="random seed of the first piece (default %(default)s)",
-    )
+    defaults = SamplingConfig()
+    for name, text in SAMPLING_HELP.items():  # one option per SamplingConfig field
+        default = getattr(defaults, name)
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
+                       help=f"{text} (default %(default)s)")  # fmt: skip
     p.add_argument("--piano-roll", action="store_true", help="also write a piano-roll PNG")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when there is one)")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
@@ -415,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--bf16", type=int, choices=(0, 1), help="bf16 autocast (default: the profile's)"
     )
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when there is one)")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -435,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bars", type=_positive_int, default=EVAL_BARS,
                    help="bars generated per piece (default %(default)s)")  # fmt: skip
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when there is one)")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("inspect", help="bars, chords and tokens of a MIDI file, readable")
