@@ -44,13 +44,12 @@ def family_perplexity(
     loader: PackedLoader,
     vocab: Vocabulary,
     bf16: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Per-token perplexity overall and per family of the *target* token, on the model's
-    device (``bf16``: under bf16 autocast, as the model trained). ``progress`` hears (batches
-    done, batches in all) after each batch."""
+    device (``bf16``: under bf16 autocast, as the model trained). ``progress`` hears the
+    batches done after each batch."""
     model.eval()
-    total_batches = len(loader)
     device = model.embed.weight.device
     loss_sum = np.zeros(len(FAMILIES))
     count = np.zeros(len(FAMILIES))
@@ -68,7 +67,7 @@ def family_perplexity(
         np.add.at(loss_sum, families, losses.cpu().numpy())
         np.add.at(count, families, 1)
         if progress:
-            progress(index + 1, total_batches)
+            progress(index + 1)
     total = loss_sum.sum() / max(count.sum(), 1)
     per_family = {
         f: {"tokens": int(count[i]), "perplexity": math.exp(loss_sum[i] / count[i])}
@@ -129,9 +128,11 @@ def evaluate_checkpoint(
         raise ValueError(f"{dataset_path}: the valid split is empty: no perplexity to report")
     train = configs["train"]
     loader = PackedLoader(data["valid"], train["batch_size"], train["seq_len"], shuffle=False)
-    log(f"validation: {len(loader)} batches of {train['batch_size']} x {train['seq_len']} "
-        f"tokens on {model.embed.weight.device}")  # fmt: skip
-    validation = family_perplexity(model, loader, vocab, train["bf16"], _throttled(log))
+    batches = len(loader)  # packs the split: once
+    log(f"validation: {batches} batches of {train['batch_size']} x {train['seq_len']} tokens on "
+        f"{model.embed.weight.device}")  # fmt: skip
+    progress = _throttled(log, batches)
+    validation = family_perplexity(model, loader, vocab, train["bf16"], progress)
     log(f"validation perplexity {validation['perplexity']:.3f} over {validation['tokens']:,} "
         "tokens")  # fmt: skip
     held_out = data["test"] if len(data["test"]) else data["valid"]
@@ -185,11 +186,11 @@ def evaluate_checkpoint(
     )
 
 
-def _throttled(log: Callable[[str], None]) -> Callable[[int, int], None]:
+def _throttled(log: Callable[[str], None], total: int) -> Callable[[int], None]:
     """A progress callback that logs at most every ``PROGRESS_EVERY_S``, and at the end."""
     last = time.monotonic()
 
-    def progress(done: int, total: int) -> None:
+    def progress(done: int) -> None:
         nonlocal last
         if done == total or time.monotonic() - last >= PROGRESS_EVERY_S:
             last = time.monotonic()
