@@ -263,6 +263,7 @@ def _dataset_and_vocabulary(args: argparse.Namespace) -> tuple[Path, Vocabulary]
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """The evaluation report of a checkpoint outside Dagster (what ``evaluation_report``
     writes): for runs trained with ``meloformer train``."""
+    from meloformer_model.evaluation.metrics import similarity_error_text as se_text
     from meloformer_model.evaluation.report import evaluate_checkpoint
 
     dataset, vocab = _dataset_and_vocabulary(args)
@@ -281,7 +282,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise CliError(str(exc)) from exc
     v, c = ev.summary["validation"], ev.summary["comparison"]
     print(f"validation perplexity {v['perplexity']:.3f} ({v['loss']:.4f} nats/token over "
-          f"{v['tokens']:,} tokens), similarity error {c['similarity_error']:.4f}, "
+          f"{v['tokens']:,} tokens), similarity error {se_text(c['similarity_error'])}, "
           f"{len(ev.samples)} pieces; report {ev.html}")  # fmt: skip
 
 

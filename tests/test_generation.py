@@ -117,6 +117,10 @@ def test_metrics_on_a_known_piece(sample_files):
     assert 2.0 < values["pitch_class_entropy"] < 3.6
     assert values["empty_beat_rate"] < 0.05 and 3.0 <= values["polyphony"] <= len(score.tracks)
     assert metrics.similarity_error([p], [p]) == 0.0
+    one_bar = metrics.piece(TOK, score.clip(0, score.ticks_per_quarter * 2))
+    assert len(one_bar.layout.starts) == 1
+    assert metrics.similarity_error([one_bar], [p]) is None  # no bar pairs: undefined, not NaN
+    assert metrics.similarity_error_text(None).startswith("n/a")
     assert metrics.overlapping_area(
         metrics.pitch_class_histogram(p), metrics.pitch_class_histogram(p)
     ) == pytest.approx(1.0)

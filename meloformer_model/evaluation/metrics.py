@@ -159,12 +159,21 @@ def _mean_ignoring_nan(rows: list[np.ndarray]) -> np.ndarray:
     return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
-def similarity_error(generated: list[Piece], real: list[Piece], max_distance: int = 16) -> float:
-    """MuseFormer's SE: mean over t of |L_t(generated) − L_t(real)|, each averaged over pieces."""
+def similarity_error(
+    generated: list[Piece], real: list[Piece], max_distance: int = 16
+) -> float | None:
+    """MuseFormer's SE: mean over t of |L_t(generated) − L_t(real)|, each averaged over pieces.
+    None where no distance has bar pairs in both sets (every piece under two bars): a NaN would
+    reach the JSON report as a token no JSON reader accepts."""
     gen = _mean_ignoring_nan([similarity_by_distance(p, max_distance) for p in generated])
     ref = _mean_ignoring_nan([similarity_by_distance(p, max_distance) for p in real])
     valid = ~np.isnan(gen) & ~np.isnan(ref)
-    return float(np.mean(np.abs(gen[valid] - ref[valid]))) if valid.any() else float("nan")
+    return float(np.mean(np.abs(gen[valid] - ref[valid]))) if valid.any() else None
+
+
+def similarity_error_text(value: float | None) -> str:
+    """SE as the reports print it."""
+    return "n/a (no piece has two bars)" if value is None else f"{value:.4f}"
 
 
 def compare_sets(generated: list[Piece], real: list[Piece]) -> dict:

@@ -21,6 +21,7 @@ from meloformer_model.atomic import atomic_folder
 from meloformer_model.data.dataset import MANIFEST
 from meloformer_model.data.midi_io import write_midi
 from meloformer_model.evaluation import metrics
+from meloformer_model.evaluation.metrics import similarity_error_text as se_text
 from meloformer_model.evaluation.plots import save_comparison, save_loss_curve
 from meloformer_model.generation import generate_batch
 from meloformer_model.model import build_masks, regular_stream
@@ -95,7 +96,7 @@ class Evaluation:
         lines = [
             f"**validation perplexity** {s['validation']['perplexity']:.2f} "
             f"(loss {s['validation']['loss']:.3f} nats/token, unigram {s['unigram_loss']:.3f})",
-            f"**similarity error** {s['comparison']['similarity_error']:.4f}, "
+            f"**similarity error** {se_text(s['comparison']['similarity_error'])}, "
             f"**pitch-class overlap** {s['comparison']['pitch_class_overlap']:.3f}",
             f"{len(self.samples)} sample MIDI files; full report: {self.html}",
         ]
@@ -252,7 +253,7 @@ def _markdown(summary: dict) -> str:
     lines += [
         "",
         f"Pitch-class histogram overlap: {c['pitch_class_overlap']:.3f}; "
-        f"similarity error (SE): {c['similarity_error']:.4f}.",
+        f"similarity error (SE): {se_text(c['similarity_error'])}.",
         "",
     ]
     return "\n".join(lines)
@@ -284,6 +285,6 @@ unigram baseline {summary["unigram_loss"]:.3f})</p>
 <table><tr><th>token family</th><th>tokens</th><th>perplexity</th></tr>{families}</table>
 <h2>Generated vs held-out real music</h2>
 <p>Pitch-class overlap <b>{c["pitch_class_overlap"]:.3f}</b>, similarity error
-<b>{c["similarity_error"]:.4f}</b></p>
+<b>{se_text(c["similarity_error"])}</b></p>
 <table><tr><th>metric</th><th>real</th><th>generated</th></tr>{rows}</table>
 <h2>Samples</h2><ul>{links}</ul>{images}</body></html>"""
