@@ -113,8 +113,16 @@ class PackedLoader:
         self.seed, self.shuffle = seed, shuffle
         self.rank, self.world = rank, world
         self._windows = windows(self.lengths, seq_len)
+        self._planned: tuple[int, list] | None = None
 
     def plan(self, epoch: int) -> list[list[list[tuple[int, int, int]]]]:
+        """The epoch's batches of rows; the last epoch's plan is kept, so counting the batches
+        (``len``), then stepping through them, and every validation pass pack once."""
+        if self._planned is None or self._planned[0] != epoch:
+            self._planned = (epoch, self._pack_epoch(epoch))
+        return self._planned[1]
+
+    def _pack_epoch(self, epoch: int) -> list[list[list[tuple[int, int, int]]]]:
         pieces = self._windows
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(pieces))
