@@ -21,11 +21,12 @@ from assets.config import (
     VOCABULARY_VERSION,
 )
 from assets.partitions import midi_shards
-from meloformer_model.atomic import write_bytes_atomic, write_parquet_atomic
+from meloformer_model.atomic import write_bytes_atomic
 from meloformer_model.data import stages
 from meloformer_model.data.corpus import reason_counts
 from meloformer_model.data.dataset import bucket_counts, build_arrow_dataset
 from meloformer_model.data.shards import fingerprint, load_registry, plan_shards, shard_files
+from meloformer_model.data.stages import built_from, write_stage_output
 from meloformer_model.tokenizer.chords import CHORD_NAMES
 from meloformer_model.tokenizer.vocab import Vocabulary
 from pipelines.resources import CorpusStorage
@@ -97,7 +98,7 @@ def filtered_midi(
     result = stages.filter_shard(
         storage.corpus_path, files, FILTER_CONFIG, _previous(out), storage.n_workers
     )
-    write_parquet_atomic(result.table, out)
+    write_stage_output(result.table, out, fingerprint(files))
     table = result.table
     accepted = int(table["accepted"].sum())
     reasons = reason_counts(table)
@@ -141,7 +142,8 @@ def chord_annotations(
     context: dg.AssetExecutionContext, storage: CorpusStorage
 ) -> dg.MaterializeResult:
     shard = context.partition_key
-    filtered = pl.read_parquet(_shard_output(storage, "filtered_midi", FILTER_VERSION, shard))
+    source = _shard_output(storage, "filtered_midi", FILTER_VERSION, shard)
+    filtered = pl.read_parquet(source)
     out = _shard_output(storage, "chord_annotations", CHORD_VERSION, shard)
     result = stages.chord_shard(
         storage.corpus_path,
@@ -150,7 +152,7 @@ def chord_annotations(
         _previous(out),
         storage.n_workers,
     )
-    write_parquet_atomic(result.table, out)
+    write_stage_output(result.table, out, built_from(source))
     table = result.table
     chords = table["chords"].explode().drop_nulls().to_numpy()
     counts = np.bincount(chords.astype(np.int64), minlength=len(CHORD_NAMES)) if len(chords) else []
@@ -185,12 +187,13 @@ def chord_annotations(
 )
 def hid_tokens(context: dg.AssetExecutionContext, storage: CorpusStorage) -> dg.MaterializeResult:
     shard = context.partition_key
-    chords = pl.read_parquet(_shard_output(storage, "chord_annotations", CHORD_VERSION, shard))
+    source = _shard_output(storage, "chord_annotations", CHORD_VERSION, shard)
+    chords = pl.read_parquet(source)
     out = _shard_output(storage, "hid_tokens", TOKEN_VERSION, shard)
     result = stages.token_shard(
         storage.corpus_path, chords, TOKENIZER_CONFIG, _previous(out), storage.n_workers
     )
-    write_parquet_atomic(result.table, out)
+    write_stage_output(result.table, out, built_from(source))
     table = result.table.filter(pl.col("error").is_null())
     vocab = Vocabulary(TOKENIZER_CONFIG)
     ids = table["ids"].explode().to_numpy()

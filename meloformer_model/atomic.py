@@ -68,9 +68,15 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     return Path(path)
 
 
-def write_parquet_atomic(table: pa.Table | pl.DataFrame, path: str | os.PathLike) -> Path:
+def write_parquet_atomic(
+    table: pa.Table | pl.DataFrame, path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
+    """``metadata``: key-value pairs added to the file's schema metadata (readable from the
+    footer alone, ``pq.read_schema``)."""
     if not isinstance(table, pa.Table):
         table = table.to_arrow()
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return Path(path)

@@ -37,7 +37,9 @@ from meloformer_model.data.shards import (
     plan_shards,
     save_registry,
     shard_digest,
+    shard_fingerprints,
 )
+from meloformer_model.data.stages import built_from
 from pipelines.resources import CorpusStorage, TrainingSettings
 
 
@@ -51,12 +53,14 @@ class Refresh:
 
 def plan_refresh(storage: CorpusStorage, instance: DagsterInstance) -> Refresh:
     """Update the registry; shards to run are new, changed, not yet partitions, or without
-    ``hid_tokens`` output for the current code versions (a run killed part way, or a changed
-    config), so re-running always completes the corpus.
+    ``hid_tokens`` output built from the shard's files as the registry now has them (none for
+    the current code versions, or one a failed, cancelled or killed run left from before a
+    change: ``built_from``), so re-running always completes the corpus.
 
-    The registry is saved before any run is requested, so a crash in between only means the
-    next refresh requests the same shards again. ``run_keys`` name a shard's contents and the
-    code versions: a sensor requests each such state once.
+    The registry is saved before any run is requested; a run that never happens or fails leaves
+    its shard's token file out of date, so the next refresh requests the shard again.
+    ``run_keys`` name a shard's contents and the code versions: a sensor requests each such
+    state once.
     """
     plan = plan_shards(
         storage.corpus_path, load_registry(storage.registry_path), storage.shard_size
@@ -64,7 +68,9 @@ def plan_refresh(storage: CorpusStorage, instance: DagsterInstance) -> Refresh:
     save_registry(plan.registry, storage.registry_path)
     known = set(instance.get_dynamic_partitions(midi_shards.name))
     new = [s for s in plan.shards if s not in known]
-    unfinished = [s for s, path in token_files(storage, plan.shards).items() if not path.exists()]
+    built = shard_fingerprints(plan.registry)
+    tokens = token_files(storage, plan.shards)
+    unfinished = [s for s, path in tokens.items() if built_from(path) != built[s]]
     to_run = sorted(set(plan.to_process) | set(new) | set(unfinished))
     versions = (FILTER_VERSION, CHORD_VERSION, TOKEN_VERSION)
     keys = {shard: f"{shard}-{shard_digest(plan.registry, shard, versions)}" for shard in to_run}

@@ -190,6 +190,29 @@ def test_a_shard_without_output_is_run_again(pipeline):
     assert output.exists() and plan_refresh(storage, instance).to_run == []
 
 
+def test_a_change_whose_run_failed_is_requested_again(pipeline):
+    """The refresh saves the registry before the runs it requests. If the run never happens
+    or fails, the shard's token file still holds the old file: the next refresh requests the
+    shard again instead of taking that file for done."""
+    storage, instance, _, _ = pipeline
+    registry = pl.read_parquet(storage.registry_path)
+    target = registry.filter(pl.col("path").str.starts_with("bach")).row(5, named=True)
+    path = Path(storage.corpus_dir) / target["path"]
+    _variant(path, path, -1)
+    assert plan_refresh(storage, instance).to_run == [target["shard"]]  # its run is lost
+    assert plan_refresh(storage, instance).to_run == [target["shard"]]
+    result = run_shard(storage, instance, target["shard"])
+    assert metadata(result, hid_tokens)["tokenized"] == 1
+    tokens = pl.read_parquet(
+        storage.stage_dir("hid_tokens", TOKEN_VERSION) / f"{target['shard']}.parquet"
+    )
+    new_hash = pl.read_parquet(storage.registry_path).filter(pl.col("path") == target["path"])
+    assert tokens.filter(pl.col("path") == target["path"])["file_hash"].to_list() == (
+        new_hash["file_hash"].to_list()
+    )
+    assert plan_refresh(storage, instance).to_run == []
+
+
 def test_changed_file_reruns_only_its_shard(pipeline, sample_files):
     storage, instance, _, _ = pipeline
     registry = pl.read_parquet(storage.registry_path)

@@ -4,6 +4,8 @@ hashes decide; size and mtime only say what to re-hash)."""
 import os
 from pathlib import Path
 
+import pytest
+
 from meloformer_model.data.shards import file_hash, load_registry, plan_shards, scan_folder
 
 
@@ -62,3 +64,38 @@ def test_plan_rehashes_touched_files_and_redoes_only_changed_shards(tmp_path):
 
     (corpus / "f3.mid").unlink()  # one file of a shard deleted, another kept: shard redone
     assert plan_shards(corpus, changed.registry, shard_size=2).changed_shards == ["shard-00001"]
+
+
+def test_prepare_corpus_redoes_a_shard_whose_run_failed(tmp_path, sample_files, monkeypatch):
+    """``prepare_corpus`` saves the registry, then runs the stages: when they fail after a file
+    changed, the next call still sees the shard's token file as built from the old file."""
+    import polars as pl
+    from symusic import Score
+
+    from meloformer_model.data import stages
+    from meloformer_model.data.pipeline import prepare_corpus
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in sample_files[:6]:
+        _write(corpus / path.name, path.read_bytes())
+    root = tmp_path / "data"
+    first = prepare_corpus(corpus, root, shard_size=4).dataset.version
+    changed = corpus / sample_files[1].name
+    score = Score(str(changed))
+    for track in score.tracks:
+        track.shift_pitch(2, inplace=True)
+    score.dump_midi(str(changed))
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(stages, "token_shard", fail)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_corpus(corpus, root, shard_size=4)
+    prepared = prepare_corpus(corpus, root, shard_size=4)
+    rows = pl.read_parquet(next((root / "hid_tokens").glob("*/shard-00000.parquet")))
+    row = rows.filter(pl.col("path") == changed.name)
+    assert row["file_hash"].to_list() == [file_hash(changed)]
+    assert prepared.dataset.version != first

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import polars as pl
 
-from meloformer_model.atomic import write_parquet_atomic
 from meloformer_model.data import stages
 from meloformer_model.data.dataset import DatasetBuild, DatasetConfig, build_arrow_dataset
 from meloformer_model.data.filtering import FilterConfig
@@ -22,6 +21,7 @@ from meloformer_model.data.shards import (
     plan_shards,
     save_registry,
     shard_files,
+    shard_fingerprints,
 )
 from meloformer_model.tokenizer.config import TokenizerConfig
 from meloformer_model.tokenizer.vocab import Vocabulary
@@ -49,15 +49,16 @@ def prepare_corpus(
     plan = plan_shards(Path(corpus_dir), load_registry(registry_path), shard_size)
     save_registry(plan.registry, registry_path)
     token_files = {}
+    built = shard_fingerprints(plan.registry)
     for shard in plan.shards:
         out = root / "hid_tokens" / stages.token_version(tc) / f"{shard}.parquet"
-        if shard in plan.to_process or not out.exists():
+        if stages.built_from(out) != built[shard]:  # new, changed, or left by a failed run
             filtered = stages.filter_shard(corpus_dir, shard_files(plan.registry, shard), fc,
                                            workers=workers).table  # fmt: skip
             chords = stages.chord_shard(corpus_dir, filtered.filter(pl.col("accepted")), tc,
                                         workers=workers).table  # fmt: skip
             tokens = stages.token_shard(corpus_dir, chords, tc, _previous(out), workers).table
-            write_parquet_atomic(tokens, out)
+            stages.write_stage_output(tokens, out, built[shard])
             del filtered, chords, tokens
             release_freed_memory()
         token_files[shard] = out

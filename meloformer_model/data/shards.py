@@ -70,6 +70,12 @@ def fingerprint(frame: pl.DataFrame) -> str:
     return digest.hexdigest()
 
 
+def shard_fingerprints(registry: pl.DataFrame) -> dict[str, str]:
+    """``fingerprint`` of every shard's files, in one pass over the registry."""
+    groups = registry.partition_by("shard", as_dict=True)
+    return {shard: fingerprint(rows) for (shard,), rows in groups.items()}
+
+
 @dataclass
 class ShardPlan:
     registry: pl.DataFrame

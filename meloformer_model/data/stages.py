@@ -2,7 +2,8 @@
 
 Each stage maps a shard's input rows (keyed by ``path`` and ``file_hash``) to an output table.
 Rows whose key is unchanged since the previous output of the same stage version are reused, so
-re-running a shard after one file changed costs one file, and a refresh never redoes work.
+re-running a shard's stages (as the assets do) after one file changed costs one file, and a
+refresh never redoes work. Each output records which state of the shard it was built from.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from functools import partial
 from pathlib import Path
 
 import polars as pl
+import pyarrow.parquet as pq
 
+from meloformer_model.atomic import write_parquet_atomic
 from meloformer_model.data.corpus import INSPECTION_SCHEMA, inspection_frame, mark_duplicates
 from meloformer_model.data.filtering import FileReport, FilterConfig, inspect_file
 from meloformer_model.data.parallel import map_with_progress, pool_workers
@@ -35,6 +38,22 @@ CHORD_STAGE_VERSION = 1
 TOKEN_STAGE_VERSION = 1
 
 KEY = ["path", "file_hash"]
+SOURCE = "meloformer.source"  # a stage output's metadata: ``fingerprint`` of the shard's files
+
+
+def write_stage_output(table: pl.DataFrame, path: Path, source: str | None) -> Path:
+    """Write a shard's stage output with the fingerprint of the registry rows it derives from
+    (``shards.fingerprint``): a file a failed or killed run left from an earlier state of the
+    shard then reads as out of date (``built_from``), not as done."""
+    return write_parquet_atomic(table, path, {SOURCE: source} if source else None)
+
+
+def built_from(path: Path) -> str | None:
+    """The fingerprint a stage output was written with; None without the file (or the record)."""
+    if not path.exists():
+        return None
+    value = (pq.read_schema(path).metadata or {}).get(SOURCE.encode())
+    return value.decode() if value else None
 
 
 def stage_version(stage_code_version: int, config: dict) -> str:
