@@ -20,7 +20,7 @@ from assets.config import (
     TOKENIZER_CONFIG,
     VOCABULARY_VERSION,
 )
-from assets.partitions import midi_shards
+from assets.partitions import dataset_versions, midi_shards
 from meloformer_model.atomic import write_bytes_atomic
 from meloformer_model.data import stages
 from meloformer_model.data.corpus import reason_counts
@@ -32,7 +32,6 @@ from meloformer_model.tokenizer.vocab import Vocabulary
 from pipelines.resources import CorpusStorage
 
 LATEST = "LATEST"
-DATASET_VERSIONS = "dataset_versions"  # the training partitions: one per dataset version
 
 
 def _frame_version(frame: pl.DataFrame, columns: list[str]) -> str:
@@ -303,7 +302,7 @@ def arrow_dataset(
         tokens, root, DATASET_CONFIG, vocab.config_hash(), latest_dataset_path(storage)
     )
     write_bytes_atomic(root / LATEST, build.version.encode())
-    context.instance.add_dynamic_partitions(DATASET_VERSIONS, [build.version])
+    context.instance.add_dynamic_partitions(dataset_versions.name, [build.version])
     context.log.info(
         f"dataset {build.version}: wrote {len(build.written_shards)} shard(s), "
         f"linked {len(build.linked_shards)} unchanged"

@@ -18,12 +18,14 @@ import dagster as dg
 
 from assets.config import DATASET_VERSION, TOKENIZER_CONFIG
 from assets.corpus import arrow_dataset, latest_vocabulary_path
+from assets.partitions import dataset_versions
+from meloformer_model.data.dataset import MANIFEST
 from meloformer_model.data.dataset_checks import CHECK_NAMES
 from meloformer_model.tokenizer.vocab import Vocabulary
 from pipelines.resources import CorpusStorage, TrainingSettings
 
-dataset_versions = dg.DynamicPartitionsDefinition(name="dataset_versions")
 TRAINING_CODE_VERSION = "3"
+HISTORY_PAGE = 100  # event records read per query while looking for a version's checks
 
 
 def dataset_path(storage: CorpusStorage, version: str) -> Path:
@@ -33,16 +35,66 @@ def dataset_path(storage: CorpusStorage, version: str) -> Path:
     return path
 
 
-def require_checks_passed(context: dg.AssetExecutionContext) -> None:
-    """Refuse to train on a dataset whose latest blocking check evaluations did not all pass."""
+def require_checks_passed(instance: dg.DagsterInstance, version: str) -> None:
+    """Refuse a dataset version unless each blocking check's newest evaluation *of that version*
+    passed: the checks of a later (or earlier) version say nothing about it, so a backfill over
+    old versions is gated by their own results."""
+    builds = _materializations_of(instance, version)
+    if not builds:
+        raise dg.Failure(f"dataset version {version}: no arrow_dataset materialization records it")
     failed = []
     for name in CHECK_NAMES:
-        key = dg.AssetCheckKey(arrow_dataset.key, name)
-        record = context.instance.get_latest_asset_check_evaluation_record(key)
-        if record is None or record.evaluation is None or not record.evaluation.passed:
+        evaluation = _newest_evaluation(instance, dg.AssetCheckKey(arrow_dataset.key, name), builds)
+        if evaluation is None:
+            failed.append(f"{name} (never evaluated on it)")
+        elif not evaluation.passed:
             failed.append(name)
     if failed:
-        raise dg.Failure(f"arrow_dataset checks not passed: {', '.join(failed)}")
+        raise dg.Failure(
+            f"dataset version {version}: blocking checks not passed: {', '.join(failed)}"
+        )
+
+
+def _materializations_of(instance: dg.DagsterInstance, version: str) -> set[int]:
+    """Storage ids of the ``arrow_dataset`` materializations whose data version is ``version``."""
+    found, cursor = set(), None
+    while True:
+        page = instance.fetch_materializations(arrow_dataset.key, limit=HISTORY_PAGE, cursor=cursor)
+        for record in page.records:
+            if record.asset_materialization.tags.get("dagster/data_version") == version:
+                found.add(record.storage_id)
+        if not page.has_more:
+            return found
+        cursor = page.cursor
+
+
+def _newest_evaluation(instance: dg.DagsterInstance, key: dg.AssetCheckKey, builds: set[int]):
+    """The newest evaluation of check ``key`` that targeted one of ``builds``, or None."""
+    cursor = None
+    while True:
+        history = instance.event_log_storage.get_asset_check_execution_history(
+            key, limit=HISTORY_PAGE, cursor=cursor
+        )
+        for record in history:  # newest first
+            evaluation = record.evaluation
+            target = evaluation.target_materialization_data if evaluation else None
+            if target is not None and target.storage_id in builds:
+                return evaluation
+        if len(history) < HISTORY_PAGE:
+            return None
+        cursor = history[-1].id
+
+
+def require_same_tokenizer(data: Path, vocab: Vocabulary) -> None:
+    """A dataset version built under another tokenizer config (its folder outlives a config
+    change) has ids that mean other tokens in the current vocabulary: refuse to train on it."""
+    built = json.loads((data / MANIFEST).read_text())["settings"]["vocab_hash"]
+    if built != vocab.config_hash():
+        raise dg.Failure(
+            f"dataset {data} was built with tokenizer {built}, the current vocabulary is "
+            f"{vocab.config_hash()}: its token ids mean other tokens. Train the dataset version "
+            "built with the current tokenizer"
+        )
 
 
 def _run_path(training: TrainingSettings, version: str) -> Path:
@@ -94,7 +146,9 @@ def _metadata(result: dict, run_dir: Path, profile: str, config: dict, baseline:
     pool="gpu",
     code_version=TRAINING_CODE_VERSION,
     group_name="training",
-    automation_condition=dg.AutomationCondition.eager()
+    # on_missing, not eager: the dataset asset is unpartitioned, so each new build counts as an
+    # update of every version's partition, and eager would retrain them all
+    automation_condition=dg.AutomationCondition.on_missing()
     & dg.AutomationCondition.all_deps_blocking_checks_passed(),
     description="A training run on one dataset version (checkpoints: safetensors + JSON).",
 )
@@ -108,11 +162,12 @@ def trained_model(
     from meloformer_model.training.checkpoint import read_configs
     from meloformer_model.training.trainer import completed_run, train, unigram_loss
 
-    require_checks_passed(context)
     version = context.partition_key
+    require_checks_passed(context.instance, version)
     data = dataset_path(storage, version)
     vocab_path = latest_vocabulary_path(storage)
     vocab = Vocabulary.load(vocab_path, expected=TOKENIZER_CONFIG)
+    require_same_tokenizer(data, vocab)
     config = training.config()
     run_dir = training_run_dir(storage, training, version)
     run_dir.mkdir(parents=True, exist_ok=True)

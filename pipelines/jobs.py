@@ -3,8 +3,8 @@
 import dagster as dg
 
 from assets.corpus import arrow_dataset, chord_annotations, filtered_midi, hid_tokens, vocabulary
-from assets.partitions import midi_shards
-from assets.training import dataset_versions, evaluation_report, trained_model
+from assets.partitions import dataset_versions, midi_shards
+from assets.training import evaluation_report, trained_model
 
 shard_job = dg.define_asset_job(
     "shard_job",

@@ -16,6 +16,7 @@ from assets.config import (
     VOCABULARY_VERSION,
 )
 from assets.corpus import (
+    LATEST,
     arrow_dataset,
     current_shards,
     hid_tokens,
@@ -117,7 +118,7 @@ def current_dataset(storage: CorpusStorage, instance: DagsterInstance) -> Path |
     tokens = token_files(storage, current_shards(instance, storage))
     if not tokens or not all(p.exists() for p in tokens.values()):
         return None
-    vocabulary_pointer = storage.stage_dir("vocabulary", VOCABULARY_VERSION) / "LATEST"
+    vocabulary_pointer = storage.stage_dir("vocabulary", VOCABULARY_VERSION) / LATEST
     if not vocabulary_pointer.exists():
         return None
     if plan_dataset(tokens, DATASET_CONFIG, VOCABULARY_VERSION).version != path.name:

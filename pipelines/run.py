@@ -11,6 +11,7 @@ import sys
 import dagster as dg
 
 from assets.corpus import latest_dataset_path
+from assets.partitions import midi_shards
 from meloformer_model.data.parallel import release_freed_memory
 from pipelines.jobs import dataset_job, shard_job, training_job
 from pipelines.refresh import current_dataset, current_training, plan_refresh
@@ -24,7 +25,7 @@ def run_corpus_pipeline(instance: dg.DagsterInstance) -> bool:
 
     storage = storage_from_env()
     refresh = plan_refresh(storage, instance)
-    instance.add_dynamic_partitions("midi_shards", refresh.new_shards)
+    instance.add_dynamic_partitions(midi_shards.name, refresh.new_shards)
     print(f"corpus {storage.corpus_path}: {refresh.files} files, "
           f"{len(refresh.to_run)} shard(s) to process")  # fmt: skip
     shards = defs.resolve_job_def(shard_job.name)

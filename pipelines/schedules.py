@@ -4,6 +4,7 @@ import os
 
 import dagster as dg
 
+from assets.partitions import midi_shards
 from pipelines.jobs import shard_job
 from pipelines.refresh import plan_refresh
 from pipelines.resources import CorpusStorage
@@ -21,7 +22,7 @@ DEFAULT_REFRESH_CRON = "0 3 * * *"
 def corpus_refresh_schedule(context: dg.ScheduleEvaluationContext, storage: CorpusStorage):
     refresh = plan_refresh(storage, context.instance)
     if refresh.new_shards:
-        context.instance.add_dynamic_partitions("midi_shards", refresh.new_shards)
+        context.instance.add_dynamic_partitions(midi_shards.name, refresh.new_shards)
     if not refresh.to_run:
         return dg.SkipReason(f"no new or changed files among {refresh.files}")
     return [dg.RunRequest(run_key=refresh.run_keys[s], partition_key=s) for s in refresh.to_run]

@@ -49,7 +49,7 @@ def test_training_holds_the_gpu_pool_and_waits_for_checks():
     node = graph.get(dg.AssetKey("trained_model"))
     assert node.pools == graph.get(dg.AssetKey("evaluation_report")).pools == {"gpu"}
     labels = [op.label for op in node.automation_condition.operands]
-    assert labels == ["eager", "all_deps_blocking_checks_passed"]
+    assert labels == ["on_missing", "all_deps_blocking_checks_passed"]
 
 
 def test_config_changes_change_code_versions():

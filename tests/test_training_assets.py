@@ -9,12 +9,32 @@ from pathlib import Path
 import dagster as dg
 import pydantic
 import pytest
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData as Target,
+)
 
 from assets import checks
-from assets.corpus import arrow_dataset, chord_annotations, filtered_midi, hid_tokens, vocabulary
-from assets.training import dataset_path, evaluation_report, trained_model, training_run_dir
+from assets.corpus import (
+    arrow_dataset,
+    chord_annotations,
+    filtered_midi,
+    hid_tokens,
+    latest_vocabulary_path,
+    vocabulary,
+)
+from assets.training import (
+    dataset_path,
+    evaluation_report,
+    require_checks_passed,
+    require_same_tokenizer,
+    trained_model,
+    training_run_dir,
+)
+from meloformer_model.data.dataset import MANIFEST
+from meloformer_model.tokenizer.vocab import Vocabulary
 from meloformer_model.training import trainer
 from pipelines import refresh
+from pipelines.definitions import defs
 from pipelines.refresh import current_training, plan_refresh
 from pipelines.resources import STEPS_ENV, CorpusStorage, TrainingSettings, training_from_env
 
@@ -72,7 +92,64 @@ def test_training_refuses_a_dataset_whose_checks_did_not_run(tmp_path, sample_fi
     result = _train(storage, instance, version, TrainingSettings(max_steps=2), raise_on_error=False)
     assert not result.success
     failure = result.get_step_failure_events()[0].event_specific_data.error.message
-    assert "arrow_dataset checks not passed" in failure
+    assert f"dataset version {version}: blocking checks not passed" in failure
+    assert "vocabulary_covers_dataset (never evaluated on it)" in failure
+
+
+def test_each_dataset_version_is_gated_by_its_own_checks(tmp_path, sample_files):
+    """Training version v1 depends on v1's check results, whatever a later version's say; a new
+    version requests training for itself alone, not again for versions already trained."""
+
+    storage, instance = _corpus(tmp_path, sample_files[:40])
+    dataset = [vocabulary, arrow_dataset, *CHECKS]
+    resources = {"storage": storage}
+    assert dg.materialize(dataset, instance=instance, resources=resources).success
+    v1 = instance.get_dynamic_partitions("dataset_versions")[-1]
+    instance.report_runless_asset_event(dg.AssetMaterialization("trained_model", partition=v1))
+    training = dg.AssetSelection.assets(trained_model)
+    tick = dg.evaluate_automation_conditions(defs, instance, asset_selection=training)
+    for path in sample_files[40:50]:
+        shutil.copy(path, Path(storage.corpus_dir) / path.name)
+    refresh = plan_refresh(storage, instance)
+    instance.add_dynamic_partitions("midi_shards", refresh.new_shards)
+    for shard in refresh.to_run:
+        shard_assets = [filtered_midi, chord_annotations, hid_tokens]
+        assert dg.materialize(
+            shard_assets, partition_key=shard, instance=instance, resources=resources
+        ).success
+    assert dg.materialize([vocabulary, arrow_dataset], instance=instance, resources=resources)
+    v2 = instance.get_dynamic_partitions("dataset_versions")[-1]
+    assert v2 != v1
+    require_checks_passed(instance, v1)
+    with pytest.raises(dg.Failure, match=f"{v2}: blocking checks not passed: .*never evaluated"):
+        require_checks_passed(instance, v2)  # v1's passing checks do not vouch for it
+    checks_only = dg.AssetSelection.checks_for_assets(arrow_dataset)
+    assert dg.materialize(
+        [arrow_dataset, *CHECKS], instance=instance, resources=resources, selection=checks_only
+    ).success
+    require_checks_passed(instance, v2)
+    tick = dg.evaluate_automation_conditions(
+        defs, instance, asset_selection=training, cursor=tick.cursor
+    )
+    assert tick.get_requested_partitions(trained_model.key) == {v2}  # not v1 again
+
+    v1_build = instance.fetch_materializations(arrow_dataset.key, limit=2).records[-1]
+    assert v1_build.asset_materialization.tags["dagster/data_version"] == v1
+    instance.report_runless_asset_event(
+        dg.AssetCheckEvaluation(
+            arrow_dataset.key,
+            "splits_do_not_overlap",
+            passed=False,
+            target_materialization_data=Target(
+                storage_id=v1_build.storage_id, run_id=v1_build.run_id, timestamp=v1_build.timestamp
+            ),
+        )
+    )
+    with pytest.raises(
+        dg.Failure, match=f"{v1}: blocking checks not passed: splits_do_not_overlap$"
+    ):
+        require_checks_passed(instance, v1)
+    require_checks_passed(instance, v2)
 
 
 def test_training_settings_pick_profile_size_and_steps():
@@ -205,3 +282,18 @@ def test_torchrun_through_pipes_reports_back(checked):
     }
     assert meta["processes"] == 2 and meta["steps"] == 2
     assert Path(meta["checkpoint"]).joinpath("config.json").exists()
+
+
+def test_training_refuses_a_dataset_of_another_tokenizer(checked, tmp_path):
+    """An old dataset version outlives a tokenizer change in its folder; backfilling it with the
+    current vocabulary would train on ids that mean other tokens."""
+
+    storage, _, version = checked
+    vocab = Vocabulary.load(latest_vocabulary_path(storage))
+    data = dataset_path(storage, version)
+    require_same_tokenizer(data, vocab)
+    manifest = json.loads((data / MANIFEST).read_text())
+    manifest["settings"]["vocab_hash"] = "0123456789abcdef"
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(dg.Failure, match="built with tokenizer 0123456789abcdef, the current"):
+        require_same_tokenizer(tmp_path, vocab)
