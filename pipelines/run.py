@@ -30,9 +30,11 @@ def run_corpus_pipeline(instance: dg.DagsterInstance) -> bool:
           f"{len(refresh.to_run)} shard(s) to process")  # fmt: skip
     shards = defs.resolve_job_def(shard_job.name)
     for shard in refresh.to_run:
-        result = shards.execute_in_process(instance=instance, partition_key=shard, run_config=QUIET)
+        result = shards.execute_in_process(
+            instance=instance, partition_key=shard, run_config=QUIET, raise_on_error=False
+        )
         if not result.success:
-            print(f"shard {shard} failed; see the run in the Dagster UI", file=sys.stderr)
+            _report_failure(result, f"shard {shard}")
             return False
         print(f"  {shard}: done")
         del result
@@ -43,12 +45,14 @@ def run_corpus_pipeline(instance: dg.DagsterInstance) -> bool:
         built = True
     else:
         result = defs.resolve_job_def(dataset_job.name).execute_in_process(
-            instance=instance, run_config=QUIET
+            instance=instance, run_config=QUIET, raise_on_error=False
         )
         for evaluation in result.get_asset_check_evaluations():
             status = "passed" if evaluation.passed else "FAILED"
             print(f"  check {evaluation.check_name}: {status}")
         dataset, built = latest_dataset_path(storage), result.success
+        if not built:
+            _report_failure(result, "dataset_job")
     print(f"artifacts under {storage.root}; dataset: {dataset}")
     if not built:
         return False
@@ -56,9 +60,10 @@ def run_corpus_pipeline(instance: dg.DagsterInstance) -> bool:
         print(f"  training on {dataset.name} finished and evaluated: training_job skipped")
     else:
         result = defs.resolve_job_def(training_job.name).execute_in_process(
-            instance=instance, partition_key=dataset.name, run_config=QUIET
+            instance=instance, partition_key=dataset.name, run_config=QUIET, raise_on_error=False
         )
         if not result.success:
+            _report_failure(result, f"training_job on {dataset.name}")
             return False
     for asset in ("trained_model", "evaluation_report"):
         event = instance.get_latest_materialization_event(dg.AssetKey(asset))
@@ -76,6 +81,15 @@ def run_corpus_pipeline(instance: dg.DagsterInstance) -> bool:
             if key in meta:
                 print(f"  {asset}.{key}: {meta[key].value}")
     return True
+
+
+def _report_failure(result: dg.ExecuteInProcessResult, what: str) -> None:
+    """Each failed step's error in a line (its stack trace is in the run's logs in the UI)."""
+    for event in result.get_step_failure_events():
+        error = event.event_specific_data.error
+        message = " ".join(error.message.split()) if error else "failed"
+        print(f"{what}: step {event.step_key} failed: {message}", file=sys.stderr)
+    print(f"{what} failed (run {result.run_id}); see it in the Dagster UI", file=sys.stderr)
 
 
 def main() -> None:

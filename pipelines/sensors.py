@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from assets.corpus import arrow_dataset, hid_tokens
 from assets.partitions import midi_shards
 from pipelines.jobs import dataset_job, shard_job
 from pipelines.refresh import plan_refresh
@@ -29,9 +30,12 @@ def midi_corpus_sensor(context: dg.SensorEvaluationContext, storage: CorpusStora
     run_status=dg.DagsterRunStatus.SUCCESS,
     monitored_jobs=[shard_job],
     request_job=dataset_job,
-    description="Rebuilds vocabulary and dataset once no shard run is still queued or running.",
+    description="Rebuilds vocabulary and dataset once no shard run is still queued or running, "
+    "once per state of the shards' outputs.",
 )
 def dataset_after_shards_sensor(context: dg.RunStatusSensorContext):
+    """One request per newest ``hid_tokens`` output, not per shard run: shard runs that end
+    before one tick (or a ``make run`` that builds the dataset itself) ask for one build."""
     active = context.instance.get_run_records(
         filters=dg.RunsFilter(
             job_name=shard_job.name,
@@ -46,4 +50,11 @@ def dataset_after_shards_sensor(context: dg.RunStatusSensorContext):
     )
     if active:
         return dg.SkipReason("shard runs still in progress")
-    return dg.RunRequest(run_key=f"dataset-after-{context.dagster_run.run_id}")
+    instance = context.instance
+    tokens = instance.fetch_materializations(hid_tokens.key, limit=1).records
+    built = instance.fetch_materializations(arrow_dataset.key, limit=1).records
+    if not tokens:
+        return dg.SkipReason("no shard has hid_tokens output")
+    if built and built[0].storage_id > tokens[0].storage_id:
+        return dg.SkipReason("the dataset was built after the newest shard output")
+    return dg.RunRequest(run_key=f"dataset-after-tokens-{tokens[0].storage_id}")

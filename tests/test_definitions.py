@@ -114,3 +114,29 @@ def test_the_main_job_names_bad_settings_in_one_line(tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         with dg.DagsterInstance.from_config(str(home)) as instance:
             assert instance.get_runs() == []
+
+
+def test_the_main_job_reports_a_failed_check_without_a_traceback(tmp_path, sample_files):
+    """A corpus too small for a valid split: the dataset's blocking check fails, and ``make run``
+    says which check and which step in a few lines, exit 1, no stack trace."""
+    import shutil
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in sample_files[:12]:
+        shutil.copy(path, corpus / path.name)
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(INSTANCE_CONFIG, home / "dagster.yaml")
+    environ = {**os.environ, "DAGSTER_HOME": str(home), "MELOFORMER_CORPUS_DIR": str(corpus)}
+    command = [sys.executable, "-W", "ignore", "-m", "pipelines.run"]
+    proc = subprocess.run(command, env=environ, cwd=PROJECT_DIR, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 1
+    assert "check train_and_valid_hold_pieces: FAILED" in proc.stdout, proc.stdout
+    assert "Traceback (most recent call last)" not in proc.stderr, proc.stderr
+    failure = "dataset_job: step arrow_dataset_checks failed: "
+    line = next(line for line in proc.stderr.splitlines() if line.startswith(failure))
+    assert line.endswith("arrow_dataset: train_and_valid_hold_pieces"), line

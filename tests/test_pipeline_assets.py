@@ -30,10 +30,11 @@ from assets.partitions import midi_shards
 from meloformer_model.data import dataset_checks
 from meloformer_model.data.corrupt import CORRUPT_CASES
 from meloformer_model.data.dataset import MANIFEST, SCHEMA
+from pipelines.jobs import shard_job
 from pipelines.refresh import current_dataset, plan_refresh
 from pipelines.resources import CorpusStorage
 from pipelines.schedules import corpus_refresh_schedule
-from pipelines.sensors import midi_corpus_sensor
+from pipelines.sensors import dataset_after_shards_sensor, midi_corpus_sensor
 
 SHARD_ASSETS = [filtered_midi, chord_annotations, hid_tokens]
 CHECKS = dg.load_asset_checks_from_modules([checks])
@@ -453,6 +454,46 @@ def test_sensor_requests_new_shards_then_skips(tmp_path, sample_files):
                 SHARD_ASSETS, partition_key=shard, instance=instance, resources={"storage": storage}
             ).success
         assert isinstance(midi_corpus_sensor(context), dg.SkipReason)
+
+
+def _success_context(instance, run_id: str) -> dg.RunStatusSensorContext:
+    """The context the daemon gives the run-status sensor for a shard run that succeeded."""
+    event = next(
+        e.dagster_event
+        for e in instance.all_logs(run_id)
+        if e.dagster_event and e.dagster_event.event_type_value == "PIPELINE_SUCCESS"
+    )
+    return dg.build_run_status_sensor_context(
+        sensor_name=dataset_after_shards_sensor.name,
+        dagster_instance=instance,
+        dagster_run=instance.get_run_by_id(run_id),
+        dagster_event=event,
+    )
+
+
+def test_dataset_sensor_requests_one_build_per_state_of_the_shards(tmp_path, sample_files):
+    """Two shard runs that end before one tick ask for one dataset build (the same run key);
+    once the dataset is built after the newest shard output, a late event asks for none."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in sample_files[:6]:
+        shutil.copy(path, corpus / path.name)
+    storage = CorpusStorage(corpus_dir=str(corpus), data_root=str(tmp_path / "data"), shard_size=3)
+    instance = dg.DagsterInstance.ephemeral()
+    refresh = plan_refresh(storage, instance)
+    instance.add_dynamic_partitions(midi_shards.name, refresh.new_shards)
+    defs = dg.Definitions(assets=SHARD_ASSETS, jobs=[shard_job], resources={"storage": storage})
+    job = defs.resolve_job_def(shard_job.name)
+    runs = [job.execute_in_process(instance=instance, partition_key=s).run_id
+            for s in refresh.to_run]  # fmt: skip
+    assert len(runs) == 2
+    requests = [dataset_after_shards_sensor(_success_context(instance, r)) for r in runs]
+    assert all(isinstance(r, dg.RunRequest) for r in requests)
+    assert requests[0].run_key == requests[1].run_key
+    assert dg.materialize([vocabulary, arrow_dataset], instance=instance,
+                          resources={"storage": storage}).success  # fmt: skip
+    late = dataset_after_shards_sensor(_success_context(instance, runs[-1]))
+    assert isinstance(late, dg.SkipReason) and "built after" in late.skip_message
 
 
 def test_schedule_registers_partitions_and_requests_runs(tmp_path, sample_files):
