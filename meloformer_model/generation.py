@@ -61,9 +61,17 @@ class Grammar:
         start, end = self.vocab.family_ranges[family]
         return np.arange(start, end)
 
-    def allowed(self, bars_left: int) -> np.ndarray:
-        """Ids allowed next."""
+    def opens_a_bar(self) -> bool:
+        """Whether the sequence ends inside a bar that has no chord yet (a scratch prompt: the
+        bar is the model's to fill, so it is the first bar generated)."""
+        return self.state.phase in ("bar", "ts", "meta_pos", "tempo")
+
+    def allowed(self, bars_left: int, ending: bool = False) -> np.ndarray:
+        """Ids allowed next; ``ending``: only those on the shortest way to EOS (a bar's header
+        takes its chord, not more tempo changes)."""
         s, v = self.state, self.vocab
+        if ending and s.phase in ("bar", "ts", "tempo"):
+            return self._range("chord")
         off = self.vocab.offset
         if s.phase == "start":
             return np.array([v["BOS"]])
@@ -245,10 +253,11 @@ class _Piece:
         if self.done:
             return eos
         if self.target_bars is None:  # the prompt is in: count the bars to add from here
-            self.target_bars = self.grammar.state.bars + config.bars
+            opened = self.grammar.opens_a_bar()
+            self.target_bars = self.grammar.state.bars - opened + config.bars
         over_budget = len(self.ids) >= config.max_tokens
         bars_left = 0 if over_budget else self.target_bars - self.grammar.state.bars
-        allowed = self.grammar.allowed(bars_left)
+        allowed = self.grammar.allowed(bars_left, ending=over_budget)
         if over_budget and eos in allowed:
             allowed = np.array([eos])
         token = _sample(logits, allowed, config, self.gen)

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class SamplingConfig:
     """``temperature`` 0 picks the likeliest allowed token; ``top_k`` 0 and ``top_p`` 1 keep
-    every allowed token; ``max_tokens`` counts the prompt's tokens too."""
+    every allowed token; ``max_tokens`` counts the prompt's tokens too: past it, a piece takes
+    the shortest way to EOS the grammar allows (at most 5 more tokens: a note's 4 and EOS).
+    ``bars``: bars generated; a scratch prompt's open bar is the first of them."""
 
     temperature: float = 1.0
     top_k: int = 0

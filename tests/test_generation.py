@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from symusic import Score
 
 from meloformer_model.evaluation import metrics
@@ -63,13 +64,13 @@ def test_generated_pieces_decode_and_parse_back(checkpoint, tmp_path):
             model,
             tokenizer,
             prompt,
-            SamplingConfig(bars=3, top_k=40, max_tokens=300, seed=seed),
+            SamplingConfig(bars=3, top_k=40, max_tokens=2000, seed=seed),
             instruments=[0, 40],
         )
         assert ids[: len(prompt)].tolist() == prompt
         assert ids[-1] == tokenizer.vocab["EOS"]
         side = tokenizer.side_information(ids)
-        assert int(side.bar.max()) + 1 <= 4
+        assert int(side.bar.max()) + 1 == 3  # the scratch prompt's bar is the first of the 3
         insts = set(side.instrument[side.instrument < 129].tolist())
         assert insts <= {0, 40}
         path = tmp_path / f"g{seed}.mid"
@@ -84,9 +85,30 @@ def test_continuation_keeps_the_prompt(checkpoint, sample_files):
     tokenizer = HIDTokenizer(tokenizer_config(configs))
     prompt = prompt_from_midi(tokenizer, sample_files[3], bars=2)
     assert int(tokenizer.side_information(np.asarray(prompt)).bar.max()) == 1
-    ids = generate(model, tokenizer, prompt, SamplingConfig(bars=2, max_tokens=400, top_p=0.9))
+    ids = generate(model, tokenizer, prompt, SamplingConfig(bars=2, max_tokens=2000, top_p=0.9))
     assert ids[: len(prompt)].tolist() == prompt
-    assert int(tokenizer.side_information(ids).bar.max()) <= 3
+    assert int(tokenizer.side_information(ids).bar.max()) == 3  # 2 bars of prompt, 2 new
+
+
+def test_past_max_tokens_a_piece_takes_the_shortest_way_to_eos():
+    """Logits that always favour another position (so another tempo change in a bar's header,
+    another onset among the notes): past ``max_tokens`` the piece still ends within 5 tokens."""
+    from meloformer_model.generation import _Piece
+
+    prompt = prompt_from_scratch(TOK)
+    eos = TOK.vocab["EOS"]
+    logits = torch.zeros(len(TOK.vocab))
+    start, end = TOK.vocab.family_ranges["position"]
+    logits[start:end] = 10.0
+    for budget in (len(prompt) + 1, len(prompt) + 40):
+        piece = _Piece(TOK, None, seed=0)
+        for token in prompt:
+            piece.feed(token)
+        config = SamplingConfig(bars=4, max_tokens=budget)
+        while not piece.done:
+            piece.feed(piece.choose(logits, config, eos))
+        assert len(piece.ids) <= budget + 5 and piece.ids[-1] == eos
+        TOK.decode_score(np.asarray(piece.ids))  # still a valid piece
 
 
 def test_a_batch_generates_the_pieces_one_by_one_would(checkpoint, sample_files):
