@@ -179,10 +179,11 @@ def test_resume_gives_the_same_loss_curve(prepared, tmp_path):
     straight = train(
         prepared.dataset.path, prepared.vocab, tmp_path / "a", FAST, log=lambda _: None
     )
-    train(
-        prepared.dataset.path, prepared.vocab, tmp_path / "b", FAST, stop_at=3, log=lambda _: None
+    train(  # stopped between evaluations: it saves a checkpoint, evaluates nothing more
+        prepared.dataset.path, prepared.vocab, tmp_path / "b", FAST, stop_at=4, log=lambda _: None
     )
     resumed = train(prepared.dataset.path, prepared.vocab, tmp_path / "b", FAST, log=lambda _: None)
+    assert resumed.best.name == straight.best.name
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
     assert [h.get("val_loss") for h in resumed.history] == [
         h.get("val_loss") for h in straight.history
@@ -393,7 +394,8 @@ def test_the_run_key_names_the_trajectory_not_its_length_or_measurements():
     key = FAST.run_key()
     assert len(key) == 12 and int(key, 16) >= 0
     measured = replace(FAST, max_steps=600, eval_every=7, checkpoint_every=7, keep_last=9,
-                       compile_blocks=True)  # fmt: skip
+                       compile_blocks=True,
+                       gradient_checkpointing=not FAST.gradient_checkpointing)  # fmt: skip
     assert measured.run_key() == key == replace(FAST).run_key()
     for changed in (replace(FAST, lr=1e-3), replace(FAST, n_kv_head=1), TrainConfig()):
         assert changed.run_key() != key

@@ -56,10 +56,17 @@ PROGRESS_EVERY_S = 60.0  # a progress line at least this often, besides one per 
 GPU_BF16_PEAK = {"H100": 989e12, "H800": 989e12, "H200": 989e12, "A100": 312e12}  # datasheet
 
 # Fields a run may change and still be the same run: they say how long to train, what to
-# measure or keep, or how the same operations are scheduled (compiled blocks fuse them), not
-# which weights the steps produce.
+# measure or keep, or how the same operations are scheduled (compiled blocks fuse them,
+# checkpointing recomputes them: the out-of-memory advice), not which weights the steps produce.
 TRAJECTORY_NEUTRAL = frozenset(
-    {"max_steps", "eval_every", "checkpoint_every", "keep_last", "compile_blocks"}
+    {
+        "max_steps",
+        "eval_every",
+        "checkpoint_every",
+        "keep_last",
+        "compile_blocks",
+        "gradient_checkpointing",
+    }
 )
 
 
@@ -500,7 +507,9 @@ def _train(
         record = {"step": state["step"], "loss": total / targets, "lr": lr,
                   "grad_norm": grad_norm, "tokens": step_tokens * world,
                   "seconds": seconds}  # fmt: skip
-        if state["step"] % config.eval_every == 0 or state["step"] == end:
+        # a stop before max_steps saves a checkpoint to resume from but evaluates nothing extra:
+        # the history and the best checkpoint stay those of an uninterrupted run
+        if state["step"] % config.eval_every == 0 or state["step"] == config.max_steps:
             record["val_loss"] = evaluate(wrapped, valid_loader, dev, autocast)["loss"]
         progress.add(record)
         if "val_loss" in record or progress.due():
