@@ -239,6 +239,12 @@ def test_unreadable_checkpoints_are_named_with_the_reason(prepared, tmp_path):
             json.dumps({**read_configs(f), "model": {**read_configs(f)["model"], "n_layer": 3}})
         ),
         "broken_json": lambda f: (f / "state.json").write_text("{broken"),
+        "foreign_field": lambda f: (f / "config.json").write_text(
+            json.dumps({**read_configs(f), "model": {**read_configs(f)["model"], "new_field": 1}})
+        ),
+        "no_tokenizer": lambda f: (f / "config.json").write_text(
+            json.dumps({k: v for k, v in read_configs(f).items() if k != "tokenizer"})
+        ),
     }.items():
         cases[name] = shutil.copytree(newest, tmp_path / name)
         damage(cases[name])
@@ -247,6 +253,9 @@ def test_unreadable_checkpoints_are_named_with_the_reason(prepared, tmp_path):
         "truncated": "not a readable checkpoint (Error while deserializing header",
         "another_model": "its weights do not fit the model its config.json describes: tensors "
         f"{len(third_layer)} missing (first blocks.2.{min(third_layer)})",
+        "foreign_field": "not a readable checkpoint (ModelConfig.__init__() got an unexpected "
+        "keyword argument 'new_field')",
+        "no_tokenizer": "config.json lacks the tokenizer config",
     }
     for name, message in messages.items():
         with pytest.raises(CheckpointError) as error:
@@ -259,6 +268,19 @@ def test_unreadable_checkpoints_are_named_with_the_reason(prepared, tmp_path):
     assert _written(run_dir) == files
     with pytest.raises(CheckpointError, match="not a readable checkpoint .Expecting prop"):
         read_state(cases["broken_json"])
+
+
+def test_an_unreadable_run_summary_is_named(prepared, tmp_path):
+    finished = train(prepared.dataset.path, prepared.vocab, tmp_path, FAST, log=lambda _: None)
+    summary = tmp_path / trainer.SUMMARY
+    for text, reason in (("{broken", "JSONDecodeError"), ("{}", "KeyError: 'train'")):
+        summary.write_text(text)
+        with pytest.raises(ValueError, match=f"^{summary}: not a readable run summary .{reason}"):
+            train(prepared.dataset.path, prepared.vocab, tmp_path, FAST, log=lambda _: None)
+    summary.unlink()  # the run is read from its checkpoints again: nothing trains
+    again = train(prepared.dataset.path, prepared.vocab, tmp_path, FAST, log=lambda _: None)
+    assert again.checkpoint == finished.checkpoint
+    assert again.tokens_per_second == pytest.approx(finished.tokens_per_second)
 
 
 def test_a_dataset_the_run_cannot_step_through_is_refused(

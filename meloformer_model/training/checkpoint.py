@@ -33,12 +33,12 @@ class CheckpointError(ValueError):
 @contextlib.contextmanager
 def _reading(folder: Path) -> Iterator[None]:
     """Missing or corrupt files become a ``CheckpointError`` naming the folder (a truncated
-    weights file raises safetensors' own error type)."""
+    weights file raises safetensors' own error type; a config of another shape, TypeError)."""
     try:
         yield
     except CheckpointError:
         raise
-    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as exc:
         raise CheckpointError(f"{folder}: not a readable checkpoint ({exc})") from exc
 
 
@@ -111,10 +111,20 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[MeloFo
     return model.to(device), configs
 
 
+CONFIG_SECTIONS = ("model", "train", "tokenizer")
+
+
 def read_configs(folder: Path) -> dict:
-    """The model, training and tokenizer configs a checkpoint was saved with."""
+    """The model, training and tokenizer configs a checkpoint was saved with, each checked to
+    rebuild its config object (a missing or foreign field is named here, not deep in a load)."""
     with _reading(folder):
-        return json.loads((Path(folder) / "config.json").read_text())
+        configs = json.loads((Path(folder) / "config.json").read_text())
+        missing = [name for name in CONFIG_SECTIONS if not isinstance(configs.get(name), dict)]
+        if missing:
+            raise CheckpointError(f"{folder}: config.json lacks the {', '.join(missing)} config")
+        ModelConfig.from_dict(configs["model"])
+        tokenizer_config(configs)
+        return configs
 
 
 def read_state(folder: Path) -> dict:
@@ -146,9 +156,9 @@ def restore_training(
         for group, stored in zip(saved["param_groups"], state["param_groups"]):
             group.update(stored)
         optimizer.load_state_dict({"state": per_param, "param_groups": saved["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
     return state
 
 

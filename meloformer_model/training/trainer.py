@@ -272,11 +272,17 @@ def completed_run(out_dir: Path, config: TrainConfig, dataset_path: Path) -> dic
     path = out_dir / SUMMARY
     if not path.exists():
         return None
-    summary = json.loads(path.read_text())
+    try:
+        summary = json.loads(path.read_text())
+        trained, dataset = summary.pop("train"), summary.pop("dataset")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(
+            f"{path}: not a readable run summary ({type(exc).__name__}: {exc}); the run's "
+            "checkpoints are beside it: remove the file to read the run from them again"
+        ) from exc
     saved = checkpoints(out_dir)
-    trained = summary.pop("train")
     if (
-        summary.pop("dataset") != Path(dataset_path).name
+        dataset != Path(dataset_path).name
         or trained["max_steps"] != config.max_steps
         or _trajectory_changes(trained, config.to_dict())
         or not saved
