@@ -148,6 +148,23 @@ def test_metrics_on_a_known_piece(sample_files):
     ) == pytest.approx(1.0)
 
 
+def test_a_continuation_is_measured_from_the_bar_after_its_prompt(sample_files):
+    """``bars_from`` drops the prompt's bars and starts the time at 0: the notes, bars and grid
+    of the rest are the piece's own, shifted."""
+    p = metrics.piece(TOK, Score(str(sample_files[0])))
+    lay = p.layout
+    rest = metrics.bars_from(p, 2)
+    offset = int(lay.bounds[2])
+    assert len(rest.layout.starts) == len(lay.starts) - 2
+    assert rest.layout.starts.tolist() == (lay.starts[2:] - offset).tolist()
+    later = lay.notes.onset >= offset
+    assert rest.layout.notes.onset.tolist() == (lay.notes.onset[later] - offset).tolist()
+    assert rest.layout.notes.pitch.tolist() == lay.notes.pitch[later].tolist()
+    assert metrics.piece_metrics(metrics.bars_from(p, 0)) == metrics.piece_metrics(p)
+    with pytest.raises(ValueError, match=f"bar {len(lay.starts)} of a piece of"):
+        metrics.bars_from(p, len(lay.starts))
+
+
 def test_evaluation_report_files_contain_the_figures(checkpoint, prepared, tmp_path):
     ev = evaluate_checkpoint(
         checkpoint,
@@ -156,7 +173,7 @@ def test_evaluation_report_files_contain_the_figures(checkpoint, prepared, tmp_p
         tmp_path,
         pieces=2,
         bars=2,
-        sampling=SamplingConfig(top_k=32, max_tokens=250),
+        sampling=SamplingConfig(top_k=32, max_tokens=600),
     )
     summary = json.loads((tmp_path / "evaluation.json").read_text())
     ppl = summary["validation"]["perplexity"]
@@ -170,6 +187,12 @@ def test_evaluation_report_files_contain_the_figures(checkpoint, prepared, tmp_p
     # the report's validation pass is the trainer's: the same loss for the same checkpoint
     trained = json.loads((checkpoint / "state.json").read_text())["history"][-1]["val_loss"]
     assert summary["validation"]["loss"] == pytest.approx(trained, rel=1e-5)
+    with pytest.raises(ValueError, match="no held-out piece is longer than the 10000 prompt"):
+        evaluate_checkpoint(checkpoint, prepared.dataset.path, prepared.vocab, tmp_path / "x",
+                            prompt_bars=10_000)  # fmt: skip
+    with pytest.raises(ValueError, match="no continuation got past its 2 prompt bars within"):
+        evaluate_checkpoint(checkpoint, prepared.dataset.path, prepared.vocab, tmp_path / "y",
+                            sampling=SamplingConfig(max_tokens=1))  # fmt: skip
 
 
 def test_a_report_is_replaced_whole_or_not_at_all(checkpoint, prepared, tmp_path, monkeypatch):
@@ -180,7 +203,7 @@ def test_a_report_is_replaced_whole_or_not_at_all(checkpoint, prepared, tmp_path
     def evaluate(pieces: int):
         return evaluate_checkpoint(checkpoint, prepared.dataset.path, prepared.vocab,
                                    tmp_path / "report", pieces=pieces, bars=1,
-                                   sampling=SamplingConfig(max_tokens=200))  # fmt: skip
+                                   sampling=SamplingConfig(max_tokens=600))  # fmt: skip
 
     evaluate(2)
     one = evaluate(1)

@@ -6,7 +6,7 @@ are measured on the same bars and positions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -31,6 +31,22 @@ class Piece:
 
 def piece(tokenizer: HIDTokenizer, score) -> Piece:
     return Piece(tokenizer.layout(score), tokenizer.config.positions_per_quarter)
+
+
+def bars_from(p: Piece, first: int) -> Piece:
+    """The piece from bar ``first`` on, its times shifted to start at 0: a continuation measured
+    without the prompt it shares with the real piece. Notes starting earlier are left out."""
+    lay = p.layout
+    if not 0 <= first < len(lay.starts):
+        raise ValueError(f"bar {first} of a piece of {len(lay.starts)} bars")
+    offset = int(lay.bounds[first])
+    keep = lay.notes.onset >= offset
+    notes = type(lay.notes)(**{name: values[keep] for name, values in vars(lay.notes).items()})
+    notes.onset = notes.onset - offset
+    layout = replace(lay, notes=notes, starts=lay.starts[first:] - offset,
+                     bar_ts=lay.bar_ts[first:], bounds=lay.bounds[first:] - offset,
+                     end=max(lay.end - offset, 1))  # fmt: skip
+    return Piece(layout, p.beat_units)
 
 
 def pitch_class_histogram(p: Piece) -> np.ndarray:

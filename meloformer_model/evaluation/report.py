@@ -137,7 +137,12 @@ def evaluate_checkpoint(
     log(f"validation perplexity {validation['perplexity']:.3f} over {validation['tokens']:,} "
         "tokens")  # fmt: skip
     held_out = data["test"] if len(data["test"]) else data["valid"]
-    rows = [held_out[i] for i in range(min(pieces, len(held_out)))]
+    rows = _continuable(held_out, prompt_bars, pieces)
+    if not rows:
+        raise ValueError(
+            f"{dataset_path}: no held-out piece is longer than the {prompt_bars} prompt bars: "
+            "nothing to continue and compare"
+        )
     prompts, reals = [], []
     for row in rows:
         ids, bar = np.asarray(row["ids"]), np.asarray(row["bar"])
@@ -150,9 +155,23 @@ def evaluate_checkpoint(
     continuations = generate_batch(model, tokenizer, prompts, config)
     real_scores = [tokenizer.decode_score(ids) for ids in reals]
     gen_scores = [tokenizer.decode_score(ids) for ids in continuations]
+    # the bars after the prompt (the prompt is in both), of the pieces whose continuation got
+    # past it within max_tokens
+    pairs = [
+        (generated, real)
+        for generated, real in zip(
+            (metrics.piece(tokenizer, s) for s in gen_scores),
+            (metrics.piece(tokenizer, s) for s in real_scores),
+        )
+        if len(generated.layout.starts) > prompt_bars
+    ]
+    if not pairs:
+        raise ValueError(
+            f"no continuation got past its {prompt_bars} prompt bars within max_tokens "
+            f"{sampling.max_tokens}: raise it, or lower the prompt bars"
+        )
     comparison = metrics.compare_sets(
-        [metrics.piece(tokenizer, s) for s in gen_scores],
-        [metrics.piece(tokenizer, s) for s in real_scores],
+        *([metrics.bars_from(p, prompt_bars) for p in side] for side in zip(*pairs))
     )
     baseline = unigram_loss(vocab)
     summary = {
@@ -162,6 +181,7 @@ def evaluate_checkpoint(
         "unigram_loss": baseline,
         "comparison": comparison,
         "pieces": len(rows),
+        "compared_pieces": len(pairs),
         "prompt_bars": prompt_bars,
         "generated_bars": bars,
     }
@@ -185,6 +205,18 @@ def evaluate_checkpoint(
         [out_dir / p.name for p in figures],
         [out_dir / p.name for p in samples],
     )
+
+
+def _continuable(held_out, prompt_bars: int, pieces: int) -> list[dict]:
+    """The first ``pieces`` held-out rows with a bar after the prompt (a piece no longer than
+    its prompt leaves nothing to compare, and its prompt would hold its EOS)."""
+    rows = []
+    for row in held_out:
+        if row["bar"][-1] >= prompt_bars:
+            rows.append(row)
+            if len(rows) == pieces:
+                break
+    return rows
 
 
 def _throttled(log: Callable[[str], None], total: int) -> Callable[[int], None]:
@@ -243,7 +275,8 @@ def _markdown(summary: dict) -> str:
     lines += [
         "",
         f"{summary['pieces']} pieces: {summary['prompt_bars']} bars of a held-out piece "
-        f"as prompt, {summary['generated_bars']} bars generated.",
+        f"as prompt, {summary['generated_bars']} bars generated; the metrics compare the bars "
+        "after the prompt.",
         "",
         "| metric | real | generated |",
         "|---|---|---|",
@@ -283,7 +316,7 @@ img{{max-width:100%}}.big{{font-size:1.4em}}</style>
 <p class="big">Validation perplexity <b>{v["perplexity"]:.2f}</b> ({v["loss"]:.3f} nats/token,
 unigram baseline {summary["unigram_loss"]:.3f})</p>
 <table><tr><th>token family</th><th>tokens</th><th>perplexity</th></tr>{families}</table>
-<h2>Generated vs held-out real music</h2>
+<h2>Generated vs held-out real music (the bars after the prompt)</h2>
 <p>Pitch-class overlap <b>{c["pitch_class_overlap"]:.3f}</b>, similarity error
 <b>{se_text(c["similarity_error"])}</b></p>
 <table><tr><th>metric</th><th>real</th><th>generated</th></tr>{rows}</table>
