@@ -9,7 +9,13 @@ import pytest
 from symusic import Score
 
 from meloformer_model.data.corpus import inspect_files, write_filter_results
-from meloformer_model.data.corrupt import CORRUPT_CASES, valid_file, write_corrupt_corpus
+from meloformer_model.data.corrupt import (
+    CORRUPT_CASES,
+    melody,
+    smf,
+    valid_file,
+    write_corrupt_corpus,
+)
 from meloformer_model.data.filtering import FilterConfig, Reason, content_hash, inspect_file
 from meloformer_model.data.smf_scan import scan_smf
 
@@ -56,6 +62,21 @@ def test_scan_counts_unterminated_notes():
     scan = scan_smf(make())
     assert (scan.note_ons, scan.unterminated_notes) == (104, 40)
     assert scan_smf(valid_file()).unterminated_notes == 0
+
+
+def test_running_status_survives_meta_events():
+    """Running status continued after a meta event (against the SMF spec, common in real files)
+    is read as symusic reads it: the file is accepted with all its notes."""
+    events = []
+    for i, (on, off) in enumerate(zip(melody()[::2], melody()[1::2])):
+        events.append((on[0], on[1] if i == 0 else on[1][1:]))  # status byte only once
+        events.append((off[0], bytes([off[1][1], 0])))  # note off as a running note on, velocity 0
+        events.append((0, b"\xff\x01\x01x"))  # a text event between notes
+    data = smf([[(0, b"\xff\x51\x03\x07\xa1\x20")], events])
+    assert sum(len(t.notes) for t in Score.from_midi(data).tracks) == 64
+    assert (scan_smf(data).note_ons, scan_smf(data).unterminated_notes) == (64, 0)
+    report = inspect_file(data, path="running.mid")
+    assert report.accepted and report.stats["notes"] == 64, report.message
 
 
 def test_content_hash_ignores_resolution_velocity_and_track_order(sample_files):

@@ -39,10 +39,12 @@ def _read_vlq(data: bytes, i: int, end: int) -> tuple[int, int]:
 
 
 def _scan_track(data: bytes, i: int, end: int) -> tuple[int, int]:
-    """Return (note-ons, notes still sounding at the end of the track)."""
+    """Return (note-ons, notes still sounding at the end of the track). Running status survives
+    meta and sysex events: the SMF spec cancels it there, but real files rely on it and the MIDI
+    parsers (symusic, mido) read them so."""
     sounding = [0] * (16 * 128)
     note_ons = 0
-    status = 0
+    running = 0
     while i < end:
         if data[i] < 0x80:  # delta times of one or two bytes, nearly all of them: no call
             i += 1
@@ -53,22 +55,21 @@ def _scan_track(data: bytes, i: int, end: int) -> tuple[int, int]:
         if i >= end:
             raise SmfStructureError(f"event missing after delta time at byte {i}")
         byte = data[i]
-        if byte & 0x80:
-            status = byte
-            i += 1
-        elif not status:
-            raise SmfStructureError(f"running status without a previous status at byte {i}")
-        if status == 0xFF:
-            if i >= end:
-                raise SmfStructureError(f"meta event truncated at byte {i}")
+        if byte == 0xFF:
+            if i + 1 >= end:
+                raise SmfStructureError(f"meta event truncated at byte {i + 1}")
+            length, i = _read_vlq(data, i + 2, end)
+            i += length
+        elif byte in (0xF0, 0xF7):
             length, i = _read_vlq(data, i + 1, end)
             i += length
-            status = 0
-        elif status in (0xF0, 0xF7):
-            length, i = _read_vlq(data, i, end)
-            i += length
-            status = 0
         else:
+            if byte & 0x80:
+                running = byte
+                i += 1
+            elif not running:
+                raise SmfStructureError(f"running status without a previous status at byte {i}")
+            status = running
             kind = status & 0xF0
             if kind in (0xC0, 0xD0):
                 i += 1
