@@ -86,16 +86,20 @@ def tempo_bin_of(bpm: float) -> int:
 
 
 def expected_tempos(score) -> list[tuple[int, int]]:
+    """Changes up to the end of the bar of the last onset (a change under the last notes stays)."""
     tpq = score.ticks_per_quarter
     last_onset = max(
         int(_round_half_up(np.array([n.time]), tpq)[0]) for t in score.tracks for n in t.notes
     )
+    start, num, den = expected_time_signatures(score, last_onset)[-1]
+    length = num * 4 * PPQ // den
+    end = start + ((last_onset - start) // length + 1) * length
     events = {0: tempo_bin_of(CFG.default_tempo_bpm)}
     for tempo in score.tempos:
         events[int(_round_half_up(np.array([tempo.time]), tpq)[0])] = tempo_bin_of(tempo.qpm)
     out: list[tuple[int, int]] = []
     for t in sorted(events):
-        if t <= last_onset and (not out or out[-1][1] != events[t]):
+        if t < end and (not out or out[-1][1] != events[t]):
             out.append((t, events[t]))
     return out
 
@@ -286,6 +290,19 @@ def test_tempo_changes_keep_their_time():
     out = TOK.decode_score(TOK.encode(score).ids)
     assert decoded_tempos(out) == expected_tempos(score)
     assert [t for t, _ in decoded_tempos(out)] == [0, 30, 2 * 48 + 12]
+
+
+def test_a_tempo_change_under_the_last_notes_stays():
+    """A ritardando over the final held chord: the change comes after the last onset, inside its
+    bar, and the piece keeps it (it played at the first tempo before)."""
+    chord = [(1920 * 4, 1920 * 2, pitch, 80) for pitch in (48, 55, 64)]
+    score = make_score(
+        [(0, False, [(i * 480, 480, 60 + i % 12, 80) for i in range(16)] + chord)],
+        tempos=((0, 120.0), (1920 * 4 + 480, 40.0)),
+    )
+    out = TOK.decode_score(TOK.encode(score).ids)
+    assert decoded_tempos(out) == expected_tempos(score)
+    assert decoded_tempos(out)[-1] == (4 * 48 + 12, tempo_bin_of(40.0))
 
 
 def test_each_track_gets_its_own_channel_and_drums_channel_10():

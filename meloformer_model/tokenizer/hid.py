@@ -245,7 +245,7 @@ class HIDTokenizer:
         add(off["time_signature"] + bar_ts[ts_change], bars[ts_change], 1)
 
         tempo_bar, tempo_pos, tempo_bin = self._tempo_events(
-            score, cfg.positions_per_quarter, starts, layout.end
+            score, cfg.positions_per_quarter, starts, int(layout.bounds[-1])
         )
         order = np.arange(len(tempo_bar))
         add(off["position"] + tempo_pos, tempo_bar, 2, 0, tempo_pos, order, 0)
@@ -297,7 +297,8 @@ class HIDTokenizer:
     def _tempo_events(
         self, score: ScoreTick, per_quarter: int, starts: np.ndarray, end: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(bar, position, bin) of each effective tempo change before ``end``; always one at 0."""
+        """(bar, position, bin) of each effective tempo change before ``end`` (the last bar's end: a
+        change under the last notes, a ritardando, stays); always one at 0."""
         arr = score.tempos.numpy()
         mspq = arr["mspq"].astype(np.float64)
         if np.any(mspq <= 0):
