@@ -105,26 +105,40 @@ def expected_tempos(score) -> list[tuple[int, int]]:
 
 
 def expected_time_signatures(score, last_onset: int) -> list[tuple[int, int, int]]:
-    """Changes take effect at the first bar line at or after their time, up to the last onset."""
+    """A change inside a bar cuts the bar there when a time signature of the cut length exists
+    (of the bar's denominator if possible), else takes effect at the next bar line; up to the
+    last onset."""
     tpq = score.ticks_per_quarter
-    changes = [
-        (int(_round_half_up(np.array([t.time]), tpq)[0]), t.numerator, t.denominator)
-        for t in score.time_signatures
-    ]
-    if not changes or changes[0][0] > 0:
-        changes.insert(0, (0, 4, 4))
-    bar_start, current = 0, changes[0][1:]
-    out = [(0, *current)]
-    for time, num, den in changes[1:]:
-        while bar_start < time:
-            bar_start += current[0] * 4 * PPQ // current[1]
-        current = (num, den)
-        if bar_start > last_onset:
+    changes = {0: (4, 4)}
+    for t in score.time_signatures:
+        changes[int(_round_half_up(np.array([t.time]), tpq)[0])] = (t.numerator, t.denominator)
+
+    def units(ts):
+        return ts[0] * 4 * PPQ // ts[1]
+
+    def shortened(length, written):
+        fits = [ts for ts in CFG.time_signatures if units(ts) == length]
+        return ([ts for ts in fits if ts[1] == written[1]] or fits)[0]
+
+    bar_start, current = 0, changes[0]
+    bars = {0: current}
+    for time in sorted(changes)[1:]:
+        if time > last_onset:
             break
-        if out[-1][0] == bar_start:
-            out.pop()
-        if not out or out[-1][1:] != current:
-            out.append((bar_start, *current))
+        while bar_start + units(current) <= time:
+            bar_start += units(current)
+        if time > bar_start:
+            if any(units(ts) == time - bar_start for ts in CFG.time_signatures):
+                bars[bar_start] = shortened(time - bar_start, current)
+                bar_start = time
+            else:
+                bar_start += units(current)
+        current = changes[time]
+        bars[bar_start] = current
+    out: list[tuple[int, int, int]] = []
+    for start in sorted(bars):
+        if start <= last_onset and (not out or out[-1][1:] != bars[start]):
+            out.append((start, *bars[start]))
     return out
 
 
@@ -264,14 +278,24 @@ def test_time_signature_changes_set_the_grid_and_round_trip():
     assert decoded_notes(out) == expected_notes(score)
 
 
-def test_time_signature_change_inside_a_bar_takes_effect_at_the_next_bar_line():
-    score = make_score(
-        [(0, False, [(0, 480, 60, 80), (2400, 480, 62, 80), (4800, 480, 64, 80)])],
-        time_sigs=((0, 4, 4), (960, 3, 4)),
-    )
-    out = TOK.decode_score(TOK.encode(score).ids)
-    assert [(t.time, t.numerator) for t in out.time_signatures] == [(0, 4), (1920, 3)]
+def test_time_signature_change_inside_a_bar_cuts_the_bar_when_a_signature_fits():
+    """A change two beats into a 4/4 bar marks a bar line there: the bar becomes 2/4 and the
+    3/4 bars start at the change (bars after it stay on the score's bar lines). A change one
+    sixteenth in (no signature is that short) takes effect at the next bar line."""
+    notes = [(0, 480, 60, 80), (2400, 480, 62, 80), (4800, 480, 64, 80)]
+    score = make_score([(0, False, notes)], time_sigs=((0, 4, 4), (960, 3, 4)))
+    seq = TOK.encode(score)
+    out = TOK.decode_score(seq.ids)
+    assert [(t.time, t.numerator, t.denominator) for t in out.time_signatures] == [
+        (0, 2, 4),
+        (960, 3, 4),
+    ]
+    assert [t for t in names(seq) if t.startswith("TimeSig")] == ["TimeSig_2/4", "TimeSig_3/4"]
     assert decoded_notes(out) == expected_notes(score)
+    late = make_score([(0, False, notes)], time_sigs=((0, 4, 4), (120, 3, 4)))
+    out = TOK.decode_score(TOK.encode(late).ids)
+    assert [(t.time, t.numerator) for t in out.time_signatures] == [(0, 4), (1920, 3)]
+    assert decoded_notes(out) == expected_notes(late)
 
 
 def test_notes_at_bar_end_and_long_notes_are_not_clamped():

@@ -174,8 +174,15 @@ def _stats(score: ScoreTick) -> dict[str, Any]:
     }
 
 
-def _cross_bar_rate(score: ScoreTick, start: np.ndarray, dur: np.ndarray) -> float:
-    """Fraction of notes that sound across a bar line (held over, not re-struck)."""
+def _cross_bar_rate(
+    score: ScoreTick,
+    start: np.ndarray,
+    dur: np.ndarray,
+    signatures: tuple[tuple[int, int], ...],
+) -> float:
+    """Fraction of notes that sound across a bar line (held over, not re-struck), on the
+    tokenizer's bar lines: a change inside a bar cuts it when one of ``signatures`` has the cut
+    length."""
     if not len(start):
         return 0.0
     ts = score.time_signatures.numpy()
@@ -186,7 +193,8 @@ def _cross_bar_rate(score: ScoreTick, start: np.ndarray, dur: np.ndarray) -> flo
         times, lengths = np.concatenate(([0], times)), np.concatenate(([4 * tpq], lengths))
     keep = np.append(times[1:] != times[:-1], True)
     end = int((start + dur).max()) + 1
-    starts, _ = bar_lines(times[keep], np.maximum(lengths[keep], 1), end)
+    cuts = {n * 4 * tpq // d for n, d in signatures if n * 4 * tpq % d == 0}
+    starts, _ = bar_lines(times[keep], np.maximum(lengths[keep], 1), end, cuts.__contains__)
     last_tick = start + np.maximum(dur, 1) - 1
     return float(np.mean(bar_of(start, starts) != bar_of(last_tick, starts)))
 
@@ -241,7 +249,7 @@ def _apply_rules(score: ScoreTick, scan, stats: dict[str, Any], config: FilterCo
     _check(n <= c.max_notes, Reason.TOO_MANY_NOTES, f"{n} notes > {c.max_notes}")
     p = stats["pitches"]
     _check(p >= c.min_pitches, Reason.TOO_FEW_PITCHES, f"{p} distinct pitches < {c.min_pitches}")
-    rate = _cross_bar_rate(score, start, dur)
+    rate = _cross_bar_rate(score, start, dur, c.time_signatures or DEFAULT_TIME_SIGNATURES)
     stats["cross_bar_rate"] = rate
     _check(
         rate <= c.max_cross_bar_rate,

@@ -34,7 +34,7 @@ from meloformer_model.tokenizer.config import TokenizerConfig
 
 # Bump when a stage's code changes what it outputs: old outputs then stop being reused.
 FILTER_STAGE_VERSION = 2
-CHORD_STAGE_VERSION = 1
+CHORD_STAGE_VERSION = 2
 TOKEN_STAGE_VERSION = 2
 
 KEY = ["path", "file_hash"]

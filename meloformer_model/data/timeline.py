@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 
@@ -12,13 +14,17 @@ def quantize(ticks: np.ndarray, tpq: int, per_quarter: int) -> np.ndarray:
 
 
 def bar_lines(
-    change_times: np.ndarray, bar_lengths: np.ndarray, end: int
+    change_times: np.ndarray,
+    bar_lengths: np.ndarray,
+    end: int,
+    can_cut: Callable[[int], bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Bar start times covering ``[0, end)`` and, per bar, the index of its time signature.
 
     ``change_times`` (ascending, first one 0) and ``bar_lengths`` describe the time-signature
-    changes. A change that falls inside a bar takes effect at the next bar line, so bar lengths
-    stay whole and note times are never moved. There is always at least one bar.
+    changes. A change that falls inside a bar marks a bar line there (a shortened bar, as score
+    exports write one) when ``can_cut`` accepts the shortened bar's length; otherwise it takes
+    effect at the next bar line. Note times are never moved. There is always at least one bar.
     """
     starts: list[np.ndarray] = []
     owners: list[np.ndarray] = []
@@ -32,7 +38,9 @@ def bar_lines(
         count = max(0, -(-(limit - t) // length))
         starts.append(t + length * np.arange(count, dtype=np.int64))
         owners.append(np.full(count, k, dtype=np.int64))
-        t += count * length
+        short = (limit - t) % length
+        cut = not last and limit < end and short and can_cut is not None and can_cut(short)
+        t = limit if cut else t + count * length
         if last:
             break
         k += 1

@@ -108,6 +108,9 @@ class HIDTokenizer:
         self._tempi = cfg.tempo_values()
         self._ts_index = {ts: i for i, ts in enumerate(cfg.time_signatures)}
         self._ts_units = np.asarray([cfg.bar_units(n, d) for n, d in cfg.time_signatures])
+        self._ts_of_length: dict[int, list[int]] = {}  # bar length -> time signatures, in order
+        for index, units in enumerate(self._ts_units.tolist()):
+            self._ts_of_length.setdefault(units, []).append(index)
         self._ranks = instrument_rank_table()
         self._off = {family: self.vocab.offset(family) for family in FAMILIES}
 
@@ -162,10 +165,23 @@ class HIDTokenizer:
         notes = self._collect_notes(score, ppq)
         ts_times, ts_index = self._time_signatures(score, ppq)
         end = int(notes.onset.max()) + 1 if len(notes.onset) else 1
-        starts, owner = bar_lines(ts_times, self._ts_units[ts_index], end)
+        starts, owner = bar_lines(
+            ts_times, self._ts_units[ts_index], end, self._ts_of_length.__contains__
+        )
         bar_ts = ts_index[owner]
+        lengths = np.diff(starts)
+        for bar in np.flatnonzero(lengths != self._ts_units[bar_ts[:-1]]).tolist():
+            bar_ts[bar] = self._shortened_bar_ts(int(lengths[bar]), int(bar_ts[bar]))
         bounds = np.append(starts, starts[-1] + self._ts_units[bar_ts[-1]])
         return Layout(notes, starts, bar_ts, bounds, end)
+
+    def _shortened_bar_ts(self, length: int, written: int) -> int:
+        """The time signature a bar cut short by a change takes: one of its length, with the
+        written signature's denominator when there is one (2/4 for half a 4/4 bar)."""
+        candidates = self._ts_of_length[length]
+        denominator = self.config.time_signatures[written][1]
+        same = [i for i in candidates if self.config.time_signatures[i][1] == denominator]
+        return (same or candidates)[0]
 
     @staticmethod
     def _detect(layout: Layout) -> np.ndarray:
