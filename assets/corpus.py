@@ -25,7 +25,13 @@ from meloformer_model.atomic import write_bytes_atomic
 from meloformer_model.data import stages
 from meloformer_model.data.corpus import reason_counts
 from meloformer_model.data.dataset import bucket_counts, build_arrow_dataset
-from meloformer_model.data.shards import fingerprint, load_registry, plan_shards, shard_files
+from meloformer_model.data.shards import (
+    fingerprint,
+    load_registry,
+    plan_shards,
+    shard_files,
+    shard_fingerprints,
+)
 from meloformer_model.data.stages import built_from, write_stage_output
 from meloformer_model.tokenizer.chords import CHORD_NAMES
 from meloformer_model.tokenizer.vocab import Vocabulary
@@ -57,22 +63,29 @@ def _shard_output(storage: CorpusStorage, asset: str, version: str, shard: str) 
 
 
 @dg.observable_source_asset(
-    description="The source MIDI folder: file count, bytes and a fingerprint of the contents.",
+    partitions_def=midi_shards,
+    description="The source MIDI folder, per shard: a fingerprint of its files' contents.",
     group_name="corpus",
 )
-def midi_corpus(storage: CorpusStorage) -> dg.ObserveResult:
+def midi_corpus(context, storage: CorpusStorage) -> dg.DataVersionsByPartition:
+    """Per registered shard, the fingerprint of its files as they are now: a changed file marks
+    its own shard's outputs unsynced in the UI, not every shard's. New files wait for the refresh
+    (sensor, schedule or ``make run``) to register their shards."""
     plan = plan_shards(
         storage.corpus_path, load_registry(storage.registry_path), storage.shard_size
     )
     listing = plan.registry
-    return dg.ObserveResult(
-        data_version=dg.DataVersion(fingerprint(listing)),
-        metadata={
-            "files": listing.height,
-            "bytes": int(listing["size"].sum() or 0),
-            "folder": dg.MetadataValue.path(str(storage.corpus_path)),
-            "shards_to_process": len(plan.to_process),
-        },
+    context.log.info(
+        f"{storage.corpus_path}: {listing.height} files, {int(listing['size'].sum() or 0):,} "
+        f"bytes, {len(plan.to_process)} shard(s) new or changed"
+    )
+    registered = set(context.instance.get_dynamic_partitions(midi_shards.name))
+    return dg.DataVersionsByPartition(
+        {
+            shard: dg.DataVersion(digest)
+            for shard, digest in shard_fingerprints(listing).items()
+            if shard in registered
+        }
     )
 
 

@@ -456,6 +456,45 @@ def test_sensor_requests_new_shards_then_skips(tmp_path, sample_files):
         assert isinstance(midi_corpus_sensor(context), dg.SkipReason)
 
 
+def test_a_changed_file_marks_only_its_shard_unsynced(tmp_path, sample_files):
+    """The source is observed per shard: a new file (a new shard, not yet registered) leaves the
+    existing shards in sync, a changed file marks its own shard's outputs unsynced in the UI
+    ("Materialize unsynced" then runs that shard alone)."""
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver
+    from dagster._core.definitions.observe import observe
+    from dagster._core.loader import LoadingContextForTest
+
+    from assets.corpus import midi_corpus
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in sample_files[:6]:
+        shutil.copy(path, corpus / path.name)
+    storage = CorpusStorage(corpus_dir=str(corpus), data_root=str(tmp_path / "data"), shard_size=3)
+    instance = dg.DagsterInstance.ephemeral()
+    resources = {"storage": storage}
+    graph = dg.Definitions(assets=[midi_corpus, *SHARD_ASSETS], resources=resources)
+    refresh = plan_refresh(storage, instance)
+    instance.add_dynamic_partitions(midi_shards.name, refresh.new_shards)
+    assert observe([midi_corpus], instance=instance, resources=resources).success
+    for shard in refresh.to_run:
+        run_shard(storage, instance, shard)
+
+    def statuses() -> dict[str, str]:
+        resolver = CachingStaleStatusResolver(
+            instance, graph.resolve_asset_graph(), LoadingContextForTest(instance)
+        )
+        return {s: resolver.get_status(filtered_midi.key, s).value for s in refresh.to_run}
+
+    assert statuses() == {"shard-00000": "FRESH", "shard-00001": "FRESH"}
+    shutil.copy(sample_files[6], corpus / sample_files[6].name)
+    observe([midi_corpus], instance=instance, resources=resources)
+    assert statuses() == {"shard-00000": "FRESH", "shard-00001": "FRESH"}
+    (corpus / sample_files[4].name).write_bytes(sample_files[7].read_bytes())
+    observe([midi_corpus], instance=instance, resources=resources)
+    assert statuses() == {"shard-00000": "FRESH", "shard-00001": "STALE"}
+
+
 def _success_context(instance, run_id: str) -> dg.RunStatusSensorContext:
     """The context the daemon gives the run-status sensor for a shard run that succeeded."""
     event = next(
