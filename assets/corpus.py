@@ -62,6 +62,18 @@ def _shard_output(storage: CorpusStorage, asset: str, version: str, shard: str) 
     return storage.stage_dir(asset, version) / f"{shard}.parquet"
 
 
+def _upstream(storage: CorpusStorage, asset: str, version: str, shard: str) -> Path:
+    """The shard's output of ``asset``, refused by name when it was not materialized (for the
+    current code version)."""
+    path = _shard_output(storage, asset, version, shard)
+    if not path.exists():
+        raise dg.Failure(
+            f"{shard}: {asset} has no output for its current code version ({path}): materialize "
+            f"{asset} for {shard} first"
+        )
+    return path
+
+
 @dg.observable_source_asset(
     partitions_def=midi_shards,
     description="The source MIDI folder, per shard: a fingerprint of its files' contents.",
@@ -154,7 +166,7 @@ def chord_annotations(
     context: dg.AssetExecutionContext, storage: CorpusStorage
 ) -> dg.MaterializeResult:
     shard = context.partition_key
-    source = _shard_output(storage, "filtered_midi", FILTER_VERSION, shard)
+    source = _upstream(storage, "filtered_midi", FILTER_VERSION, shard)
     filtered = pl.read_parquet(source)
     out = _shard_output(storage, "chord_annotations", CHORD_VERSION, shard)
     result = stages.chord_shard(
@@ -199,7 +211,7 @@ def chord_annotations(
 )
 def hid_tokens(context: dg.AssetExecutionContext, storage: CorpusStorage) -> dg.MaterializeResult:
     shard = context.partition_key
-    source = _shard_output(storage, "chord_annotations", CHORD_VERSION, shard)
+    source = _upstream(storage, "chord_annotations", CHORD_VERSION, shard)
     chords = pl.read_parquet(source)
     out = _shard_output(storage, "hid_tokens", TOKEN_VERSION, shard)
     result = stages.token_shard(
@@ -258,6 +270,11 @@ def token_files(storage: CorpusStorage, shards: list[str]) -> dict[str, Path]:
 def vocabulary(context: dg.AssetExecutionContext, storage: CorpusStorage) -> dg.MaterializeResult:
     vocab = Vocabulary(TOKENIZER_CONFIG)
     shards = current_shards(context.instance, storage)
+    if not shards:
+        raise dg.Failure(
+            f"no corpus shard is registered for {storage.corpus_path}: run the refresh (the "
+            "sensor, the schedule or `make run`) and materialize hid_tokens first"
+        )
     for shard in shards:
         counts = _shard_output(storage, "hid_tokens", TOKEN_VERSION, shard).with_suffix(
             ".counts.json"
@@ -285,6 +302,8 @@ def vocabulary(context: dg.AssetExecutionContext, storage: CorpusStorage) -> dg.
 
 def latest_vocabulary_path(storage: CorpusStorage) -> Path:
     folder = storage.stage_dir("vocabulary", VOCABULARY_VERSION)
+    if not (folder / LATEST).exists():
+        raise dg.Failure(f"no vocabulary in {folder}: materialize vocabulary first")
     return folder / (folder / LATEST).read_text().strip()
 
 

@@ -6,6 +6,15 @@ from assets.corpus import arrow_dataset, chord_annotations, filtered_midi, hid_t
 from assets.partitions import dataset_versions, midi_shards
 from assets.training import evaluation_report, trained_model
 
+# Run states of a run that has not ended, and the tag naming a run's partition
+IN_PROGRESS = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+PARTITION_TAG = "dagster/partition"
+
 shard_job = dg.define_asset_job(
     "shard_job",
     selection=dg.AssetSelection.assets(filtered_midi, chord_annotations, hid_tokens),

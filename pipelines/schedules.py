@@ -5,7 +5,7 @@ import os
 import dagster as dg
 
 from assets.partitions import midi_shards
-from pipelines.jobs import shard_job
+from pipelines.jobs import IN_PROGRESS, PARTITION_TAG, shard_job
 from pipelines.refresh import plan_refresh
 from pipelines.resources import CorpusStorage
 
@@ -23,6 +23,18 @@ def corpus_refresh_schedule(context: dg.ScheduleEvaluationContext, storage: Corp
     refresh = plan_refresh(storage, context.instance)
     if refresh.new_shards:
         context.instance.add_dynamic_partitions(midi_shards.name, refresh.new_shards)
-    if not refresh.to_run:
-        return dg.SkipReason(f"no new or changed files among {refresh.files}")
-    return [dg.RunRequest(run_key=refresh.run_keys[s], partition_key=s) for s in refresh.to_run]
+    # a schedule's run keys only deduplicate within one tick: a shard still queued or running
+    # from an earlier tick (or the sensor) is not requested again
+    busy = _shards_in_progress(context.instance)
+    to_run = [s for s in refresh.to_run if s not in busy]
+    if not to_run:
+        reason = "shard runs already in progress" if refresh.to_run else "no new or changed files"
+        return dg.SkipReason(f"{reason} among {refresh.files} files")
+    return [dg.RunRequest(run_key=refresh.run_keys[s], partition_key=s) for s in to_run]
+
+
+def _shards_in_progress(instance: dg.DagsterInstance) -> set[str]:
+    records = instance.get_run_records(
+        filters=dg.RunsFilter(job_name=shard_job.name, statuses=IN_PROGRESS)
+    )
+    return {r.dagster_run.tags.get(PARTITION_TAG) for r in records} - {None}

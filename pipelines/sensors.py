@@ -4,7 +4,7 @@ import dagster as dg
 
 from assets.corpus import arrow_dataset, hid_tokens
 from assets.partitions import midi_shards
-from pipelines.jobs import dataset_job, shard_job
+from pipelines.jobs import IN_PROGRESS, dataset_job, shard_job
 from pipelines.refresh import plan_refresh
 from pipelines.resources import CorpusStorage
 
@@ -39,12 +39,7 @@ def dataset_after_shards_sensor(context: dg.RunStatusSensorContext):
     active = context.instance.get_run_records(
         filters=dg.RunsFilter(
             job_name=shard_job.name,
-            statuses=[
-                dg.DagsterRunStatus.QUEUED,
-                dg.DagsterRunStatus.STARTING,
-                dg.DagsterRunStatus.STARTED,
-                dg.DagsterRunStatus.NOT_STARTED,
-            ],
+            statuses=IN_PROGRESS,
         ),
         limit=1,
     )

@@ -553,6 +553,14 @@ def test_schedule_registers_partitions_and_requests_runs(tmp_path, sample_files)
         assert sorted(instance.get_dynamic_partitions("midi_shards")) == keys
         # the next tick asks again for shards that have not run, then skips once they have
         assert [r.partition_key for r in corpus_refresh_schedule(context)] == keys
+        # but not for a shard whose run from an earlier tick is still running
+        from dagster._core.test_utils import create_run_for_test
+
+        queued = create_run_for_test(instance, job_name="shard_job",
+                                     status=dg.DagsterRunStatus.STARTED,
+                                     tags={"dagster/partition": keys[0]})  # fmt: skip
+        assert [r.partition_key for r in corpus_refresh_schedule(context)] == keys[1:]
+        instance.report_run_canceled(queued)
         for shard in keys:
             assert dg.materialize(
                 SHARD_ASSETS, partition_key=shard, instance=instance, resources={"storage": storage}
@@ -609,3 +617,28 @@ def test_kill_mid_write_leaves_no_artifact_and_rerun_completes(tmp_path, sample_
     result = run_shard(storage, instance, "shard-00000")
     assert metadata(result, filtered_midi)["files"] == 6
     assert pl.read_parquet(metadata(result, filtered_midi)["path"]).height == 6
+
+
+def test_assets_run_out_of_order_name_what_to_materialize_first(tmp_path, sample_files):
+    """A shard's chords before its filter output, the vocabulary before any shard, the dataset
+    before the vocabulary: each fails naming the asset to materialize first."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(sample_files[0], corpus / sample_files[0].name)
+    storage = CorpusStorage(corpus_dir=str(corpus), data_root=str(tmp_path / "data"))
+    instance = dg.DagsterInstance.ephemeral()
+    resources = {"storage": storage}
+
+    def failure(assets, **kwargs) -> str:
+        result = dg.materialize(
+            assets, instance=instance, resources=resources, raise_on_error=False, **kwargs
+        )
+        assert not result.success
+        return result.get_step_failure_events()[0].event_specific_data.error.message
+
+    assert "no corpus shard is registered" in failure([vocabulary])
+    instance.add_dynamic_partitions(midi_shards.name, ["shard-00000"])
+    message = failure([chord_annotations], partition_key="shard-00000")
+    assert "shard-00000: filtered_midi has no output" in message
+    assert "materialize filtered_midi for shard-00000 first" in message
+    assert "materialize vocabulary first" in failure([arrow_dataset])
