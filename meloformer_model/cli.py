@@ -134,8 +134,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(f"bar {bar:4d}  chord {chord:8s} notes {notes:3d} | {' '.join(tokens)}")
 
 
-# Files tokenized (and held in memory) at a time by `prepare`: its memory does not grow with the
-# corpus, and each chunk is one row group of tokens.parquet.
+# Files tokenized (and held in memory) at a time by `prepare`: the tokens' memory does not grow
+# with the corpus (the filter's table does, a row per file), and each chunk is one row group of
+# tokens.parquet.
 PREPARE_CHUNK = 1024
 
 

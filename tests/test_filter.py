@@ -109,6 +109,21 @@ def test_duplicates_name_the_original(tmp_path, sample_files):
     assert no_dedup["accepted"].to_list() == [True, True]
 
 
+def test_reports_become_rows_chunk_by_chunk(tmp_path, sample_files, monkeypatch):
+    """Reports fold into the table a chunk at a time (memory: one chunk of report objects);
+    the table, and duplicates across chunks, are the same as in one piece."""
+    from meloformer_model.data import corpus
+
+    copy = tmp_path / "zz_copy.mid"
+    copy.write_bytes(sample_files[0].read_bytes())
+    paths = [*sample_files[:6], copy]
+    whole = inspect_files(paths, FilterConfig(), workers=2, progress=False)
+    monkeypatch.setattr(corpus, "INSPECT_CHUNK", 3)
+    chunked = inspect_files(paths, FilterConfig(), workers=2, progress=False)
+    assert chunked.equals(whole)
+    assert chunked["duplicate_of"].to_list()[-1] == str(sample_files[0])
+
+
 def test_corrupt_files_never_stop_a_corpus_run(tmp_path, sample_files):
     expected = write_corrupt_corpus(tmp_path / "corrupt")
     good = sample_files[:20]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
 
@@ -41,6 +41,29 @@ def pool_workers(items: int, workers: int, min_items: int = MIN_ITEMS_PER_WORKER
     return max(1, min(workers, items // max(1, min_items)))
 
 
+def imap_with_progress(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    workers: int = 1,
+    desc: str = "",
+    progress: bool = True,
+    chunksize: int = 8,
+) -> Iterator[R]:
+    """Results in item order as they come, so a caller can fold them into a table chunk by
+    chunk instead of holding every result. ``fn`` must catch its own per-item errors: one bad
+    file must not stop a corpus run."""
+    with tqdm(total=len(items), desc=desc, unit="file", disable=not progress) as bar:
+        if workers <= 1:
+            for item in items:
+                yield fn(item)
+                bar.update()
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for result in pool.map(fn, items, chunksize=chunksize):
+                    yield result
+                    bar.update()
+
+
 def map_with_progress(
     fn: Callable[[T], R],
     items: Sequence[T],
@@ -49,17 +72,4 @@ def map_with_progress(
     progress: bool = True,
     chunksize: int = 8,
 ) -> list[R]:
-    """``fn`` must catch its own per-item errors: one bad file must not stop a corpus run."""
-    bar = tqdm(total=len(items), desc=desc, unit="file", disable=not progress)
-    results: list[R] = []
-    if workers <= 1:
-        for item in items:
-            results.append(fn(item))
-            bar.update()
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for result in pool.map(fn, items, chunksize=chunksize):
-                results.append(result)
-                bar.update()
-    bar.close()
-    return results
+    return list(imap_with_progress(fn, items, workers, desc, progress, chunksize))
