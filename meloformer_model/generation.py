@@ -29,8 +29,8 @@ from meloformer_model.tokenizer.vocab import FAMILIES
 class _State:
     """Where the sequence is in the grammar."""
 
+    bar_units: int  # the current bar's length in grid units
     phase: str = "start"
-    bar_units: int = 48
     meta_pos: int = -1
     instrument: int = -1
     rank: int = -1
@@ -52,10 +52,9 @@ class Grammar:
                 f"instruments {instruments}: give GM programs 0-127, or {DRUM_INSTRUMENT} for drums"
             )
         self.allowed_instruments = programs if instruments is None else set(instruments)
-        self.state = _State()
         cfg = tokenizer.config
         self.ts_units = [cfg.bar_units(n, d) for n, d in cfg.time_signatures]
-        self.state.bar_units = cfg.bar_units(*cfg.default_time_signature)
+        self.state = _State(bar_units=cfg.bar_units(*cfg.default_time_signature))
 
     def _range(self, family: str) -> np.ndarray:
         start, end = self.vocab.family_ranges[family]

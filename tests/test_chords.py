@@ -19,7 +19,6 @@ from meloformer_model.tokenizer.chords import (
     TIE_TOLERANCE,
     detect_chords,
     score_templates,
-    segment_boundaries_by_beats,
     segment_pitch_class_weights,
 )
 
@@ -347,29 +346,12 @@ def test_scale_without_notes_by_segments_matrix() -> None:
     assert peak < 200e6 < n_notes * n_segments  # a bool notes x segments matrix alone is 500 MB
 
 
-# --- beat-group segmentation ---------------------------------------------------
+# --- segments inside a bar -------------------------------------------------------
 
 
-def test_segment_boundaries_by_beats() -> None:
-    # Two 4/4 bars then one 3/4 bar at 480 ticks per beat, groups of 2 beats.
-    boundaries = segment_boundaries_by_beats(
-        np.array([0, 1920, 3840]), np.array([1920, 1920, 1440]), 2, 480
-    )
-    assert boundaries.tolist() == [0, 960, 1920, 2880, 3840, 4800, 5280]
-    # 6/8 bar (beat = dotted quarter, 720) then 2/4 bar (beat = 480), one beat per group.
-    per_bar = segment_boundaries_by_beats(
-        np.array([0, 1440]), np.array([1440, 960]), 1, np.array([720, 480])
-    )
-    assert per_bar.tolist() == [0, 720, 1440, 1920, 2400]
-    # One group per bar when the group is longer than the bar.
-    whole = segment_boundaries_by_beats(np.array([0, 4]), np.array([4, 4]), 8, 1)
-    assert whole.tolist() == [0, 4, 8]
-    assert segment_boundaries_by_beats(np.array([]), np.array([]), 2, 480).tolist() == []
-
-
-def test_beat_groups_feed_detection() -> None:
+def test_segments_inside_a_bar_get_their_own_chords() -> None:
     # C major for two beats then F major for two beats inside one 4/4 bar.
-    boundaries = segment_boundaries_by_beats(np.array([0]), np.array([4]), 2, 1)
+    boundaries = np.array([0, 2, 4])
     pitches = np.array([60, 64, 67, 60, 65, 69])
     onsets = np.array([0, 0, 0, 2, 2, 2])
     result = detect_chords(onsets, np.full(6, 2), pitches, np.full(6, 70), boundaries)

@@ -24,7 +24,11 @@ from meloformer_model.data.midi_io import (
 )
 from meloformer_model.data.smf_scan import SmfStructureError, scan_smf
 from meloformer_model.data.timeline import bar_lines, bar_of, quantize, seconds_at
-from meloformer_model.tokenizer.config import DEFAULT_TIME_SIGNATURES
+from meloformer_model.tokenizer.config import (
+    DEFAULT_TIME_SIGNATURES,
+    DRUM_INSTRUMENT,
+    POSITIONS_PER_QUARTER,
+)
 
 
 class Reason(str, Enum):
@@ -77,7 +81,7 @@ class FilterConfig:
     max_unterminated_rate: float = 0.05
     max_gap_beats: float = 256.0
     dedup: bool = True
-    hash_positions_per_quarter: int = 12
+    hash_positions_per_quarter: int = POSITIONS_PER_QUARTER
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,7 +111,7 @@ def _check(ok: bool, reason: Reason, message: str) -> None:
         raise _Rejected(reason, message)
 
 
-def content_hash(score: ScoreTick, per_quarter: int = 12) -> str:
+def content_hash(score: ScoreTick, per_quarter: int = POSITIONS_PER_QUARTER) -> str:
     """Hash of (instrument, onset, duration, pitch) on a beat grid: the same music re-exported
     with another tick resolution, track order, tempo or velocity hashes the same."""
     tpq = score.ticks_per_quarter
@@ -117,7 +121,7 @@ def content_hash(score: ScoreTick, per_quarter: int = 12) -> str:
             continue
         arr = track.notes.numpy()
         start = arr["time"].astype(np.int64)
-        inst = 128 if track.is_drum else int(track.program)
+        inst = DRUM_INSTRUMENT if track.is_drum else int(track.program)
         rows.append(
             np.stack(
                 [

@@ -15,7 +15,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from meloformer_model.atomic import atomic_folder
 from meloformer_model.data.dataset import MANIFEST
@@ -24,7 +23,6 @@ from meloformer_model.evaluation import metrics
 from meloformer_model.evaluation.metrics import similarity_error_text as se_text
 from meloformer_model.evaluation.plots import save_comparison, save_loss_curve
 from meloformer_model.generation import generate_batch
-from meloformer_model.model import build_masks, regular_stream
 from meloformer_model.sampling import (
     EVAL_BARS,
     EVAL_PIECES,
@@ -36,7 +34,12 @@ from meloformer_model.tokenizer.hid import HIDTokenizer
 from meloformer_model.tokenizer.vocab import FAMILIES, Vocabulary
 from meloformer_model.training.checkpoint import load_model, read_state, tokenizer_config
 from meloformer_model.training.data import IGNORE, PackedLoader
-from meloformer_model.training.trainer import PROGRESS_EVERY_S, device_for, unigram_loss
+from meloformer_model.training.trainer import (
+    PROGRESS_EVERY_S,
+    device_for,
+    forward_loss,
+    unigram_loss,
+)
 
 
 @torch.no_grad()
@@ -56,14 +59,11 @@ def family_perplexity(
     count = np.zeros(len(FAMILIES))
     for index, batch in loader.epoch(0):
         batch = batch.to(device)
-        masks = build_masks(model.config, regular_stream(*batch.side), batch.summary_width)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(batch.ids, masks)
+            losses, _ = forward_loss(model, batch, reduction="none")
         targets = batch.targets.flatten()
         keep = targets != IGNORE
-        losses = F.cross_entropy(
-            logits.flatten(0, 1)[keep].float(), targets[keep], reduction="none"
-        )
+        losses = losses[keep]
         families = vocab.family_of(targets[keep].cpu().numpy())
         np.add.at(loss_sum, families, losses.cpu().numpy())
         np.add.at(count, families, 1)

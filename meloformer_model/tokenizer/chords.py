@@ -230,29 +230,3 @@ def detect_chords(
     weights, bass = segment_pitch_class_weights(onsets, durations, pitches, velocities, boundaries)
     scores = score_templates(weights)
     return choose_chords(scores, bass, weights.sum(axis=1) <= 0, bass_aware)
-
-
-def segment_boundaries_by_beats(
-    bar_starts: ArrayLike,
-    bar_lengths: ArrayLike,
-    beats_per_group: int,
-    beat_length: ArrayLike,
-) -> np.ndarray:
-    """Boundaries that split each bar into groups of beats_per_group beats.
-
-    Bars are assumed contiguous. beat_length may be a scalar or one value per
-    bar (time-signature changes). A trailing partial group is cut at the bar
-    end, so groups never straddle bar lines and chords stay bar-aligned.
-    """
-    bar_starts = np.asarray(bar_starts, dtype=np.float64)
-    bar_lengths = np.asarray(bar_lengths, dtype=np.float64)
-    if len(bar_starts) == 0:
-        return np.zeros(0)
-    group = np.broadcast_to(
-        np.asarray(beat_length, dtype=np.float64) * beats_per_group, bar_starts.shape
-    )
-    counts = np.maximum(np.ceil(bar_lengths / group - 1e-9).astype(np.int64), 1)
-    bar = np.repeat(np.arange(len(bar_starts)), counts)
-    within = np.arange(len(bar)) - np.repeat(np.cumsum(counts) - counts, counts)
-    starts = bar_starts[bar] + within * group[bar]
-    return np.append(starts, bar_starts[-1] + bar_lengths[-1])

@@ -49,6 +49,7 @@ INSTRUMENT_PRIORITY: tuple[tuple[str, tuple[range, ...]], ...] = (
     ("others", (range(104, 128),)),
 )
 
+POSITIONS_PER_QUARTER = 12  # the grid: sixteenths (3 units) and eighth/sixteenth triplets (4/2)
 DRUM_INSTRUMENT = 128
 GLOBAL_INSTRUMENT = 129
 
@@ -73,7 +74,7 @@ class TokenizerConfig:
     short notes, coarser ones for long notes, capped at the last bound.
     """
 
-    positions_per_quarter: int = 12
+    positions_per_quarter: int = POSITIONS_PER_QUARTER
     time_signatures: tuple[tuple[int, int], ...] = DEFAULT_TIME_SIGNATURES
     tempo_bins: int = 32
     tempo_min_bpm: float = 40.0

@@ -2,8 +2,9 @@
 
 A checkpoint folder holds ``model.safetensors``, ``optimizer.safetensors`` (moments and RNG
 state), ``config.json`` (model, training and tokenizer configs: enough to rebuild the model
-anywhere) and ``state.json`` (step, data position, scheduler, losses). It is written to a temp
-folder and renamed, so a crash never leaves half a checkpoint.
+anywhere) and ``state.json`` (step, data position, losses; the learning rate is a function of
+the step). It is written to a temp folder and renamed, so a crash never leaves half a
+checkpoint.
 """
 
 from __future__ import annotations

@@ -157,20 +157,15 @@ def _trajectory_changes(saved: dict, requested: dict) -> dict[str, tuple]:
     }
 
 
-PROFILES: dict[str, TrainConfig] = {
-    "cpu": TrainConfig(),
-    # Upstream recipes (design.md §1): 8192-token rows, bf16, 2000 warmup steps. Measured on an
-    # H200 (benchmarks/results/train-nvidia-h200*.json, large at 4 x 8192): checkpointing 73.9k
-    # tokens/s; without it 104.5k (peak 36 GiB); with compiled blocks as well 167.3k (peak
-    # 25.5 GiB, well inside an 80 GB H100/H800). Checkpointing is for longer rows or bigger
-    # batches than these.
-    "h100": TrainConfig(size="large", seq_len=8192, batch_size=4, grad_accum=8, lr=3e-4,
-                        warmup_steps=2000, max_steps=100_000, eval_every=2000,
-                        checkpoint_every=2000, bf16=True, compile_blocks=True),
-    "h800": TrainConfig(size="large", seq_len=8192, batch_size=4, grad_accum=8, lr=3e-4,
-                        warmup_steps=2000, max_steps=100_000, eval_every=2000,
-                        checkpoint_every=2000, bf16=True, compile_blocks=True),
-}  # fmt: skip
+# The upstream recipe (design.md §1): 8192-token rows, bf16, 2000 warmup steps. Measured on an
+# H200 (benchmarks/results/train-nvidia-h200*.json, large at 4 x 8192): checkpointing 73.9k
+# tokens/s; without it 104.5k (peak 36 GiB); with compiled blocks as well 167.3k (peak 25.5 GiB,
+# well inside an 80 GB H100/H800). Checkpointing is for longer rows or bigger batches.
+_UPSTREAM_GPU = TrainConfig(size="large", seq_len=8192, batch_size=4, grad_accum=8, lr=3e-4,
+                            warmup_steps=2000, max_steps=100_000, eval_every=2000,
+                            checkpoint_every=2000, bf16=True, compile_blocks=True)  # fmt: skip
+PROFILES: dict[str, TrainConfig] = {"cpu": TrainConfig(), "h100": _UPSTREAM_GPU,
+                                    "h800": _UPSTREAM_GPU}  # fmt: skip
 
 
 def profile_config(profile: str, size: str | None = None, **changes) -> TrainConfig:
