@@ -89,7 +89,7 @@ from meloformer_model.paths import SAMPLE_CORPUS_DIR  # noqa: E402
 from meloformer_model.tokenizer.vocab import Vocabulary  # noqa: E402
 from meloformer_model.training.data import PackedLoader  # noqa: E402
 from meloformer_model.training.trainer import (  # noqa: E402
-    GPU_BF16_PEAK,
+    GPU_PEAK,
     PROFILES,
     adamw,
     forward_loss,
@@ -185,7 +185,7 @@ def cpu_matmul_peak(sizes=(2048, 4096), repeats=(5, 3), dtype=torch.float32) -> 
 
 def gpu_peak(device: torch.device) -> tuple[float, str]:
     name = torch.cuda.get_device_name(device)
-    for key, value in GPU_BF16_PEAK.items():
+    for key, value in GPU_PEAK[torch.bfloat16].items():
         if key in name:
             return value, name
     return 0.0, name
@@ -662,7 +662,7 @@ def _load(load: dict) -> str:
 
 
 def _slug(name: str) -> str:
-    for key in GPU_BF16_PEAK:
+    for key in GPU_PEAK[torch.bfloat16]:
         if key in name:
             return key.lower()
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")

@@ -53,7 +53,12 @@ from meloformer_model.training.data import IGNORE, PACKING, Batch, PackedLoader
 
 SUMMARY = "summary.json"
 PROGRESS_EVERY_S = 60.0  # a progress line at least this often, besides one per evaluation
-GPU_BF16_PEAK = {"H100": 989e12, "H800": 989e12, "H200": 989e12, "A100": 312e12}  # datasheet
+# Dense peaks from the datasheets (SXM parts): bf16, and plain fp32 (torch does not use TF32 for
+# fp32 matmuls by default)
+GPU_PEAK = {
+    torch.bfloat16: {"H100": 989e12, "H800": 989e12, "H200": 989e12, "A100": 312e12},
+    torch.float32: {"H100": 67e12, "H800": 67e12, "H200": 67e12, "A100": 19.5e12},
+}
 
 # Fields a run may change and still be the same run: they say how long to train, what to
 # measure or keep, or how the same operations are scheduled (compiled blocks fuse them,
@@ -674,12 +679,12 @@ def _save(out_dir, model, optimizer, configs, state, record, keep_last) -> Path:
 
 @functools.cache
 def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
-    """Peak FLOP/s of one device for the utilisation figure: dense bf16 peak of known GPUs; on
-    CPU, matmul throughput in the run's dtype measured here and now (the CPU has no datasheet
-    figure we can trust, and bf16 runs at another rate than fp32)."""
+    """Peak FLOP/s of one device for the utilisation figure: the datasheet's dense peak of known
+    GPUs in the run's dtype; on CPU, matmul throughput in that dtype measured here and now (the
+    CPU has no datasheet figure we can trust, and bf16 runs at another rate than fp32)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        return next((value for key, value in GPU_BF16_PEAK.items() if key in name), 0.0)
+        return next((value for key, value in GPU_PEAK[dtype].items() if key in name), 0.0)
     a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
     best = float("inf")
     for _ in range(5):
