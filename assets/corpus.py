@@ -331,7 +331,12 @@ def arrow_dataset(
     vocab = Vocabulary.load(latest_vocabulary_path(storage), expected=TOKENIZER_CONFIG)
     root = storage.stage_dir("arrow_dataset", DATASET_VERSION)
     build = build_arrow_dataset(
-        tokens, root, DATASET_CONFIG, vocab.config_hash(), latest_dataset_path(storage)
+        tokens,
+        root,
+        DATASET_CONFIG,
+        vocab.config_hash(),
+        TOKEN_VERSION,
+        latest_dataset_path(storage),
     )
     write_bytes_atomic(root / LATEST, build.version.encode())
     context.instance.add_dynamic_partitions(dataset_versions.name, [build.version])

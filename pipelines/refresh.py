@@ -121,7 +121,7 @@ def current_dataset(storage: CorpusStorage, instance: DagsterInstance) -> Path |
     vocabulary_pointer = storage.stage_dir("vocabulary", VOCABULARY_VERSION) / LATEST
     if not vocabulary_pointer.exists():
         return None
-    if plan_dataset(tokens, DATASET_CONFIG, VOCABULARY_VERSION).version != path.name:
+    if plan_dataset(tokens, DATASET_CONFIG, VOCABULARY_VERSION, TOKEN_VERSION).version != path.name:
         return None
     return path
 

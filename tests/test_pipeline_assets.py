@@ -642,3 +642,20 @@ def test_assets_run_out_of_order_name_what_to_materialize_first(tmp_path, sample
     assert "shard-00000: filtered_midi has no output" in message
     assert "materialize filtered_midi for shard-00000 first" in message
     assert "materialize vocabulary first" in failure([arrow_dataset])
+
+
+def test_a_token_code_change_is_a_new_dataset_version(pipeline):
+    """The same files re-tokenized by changed token code (a new TOKEN_VERSION) make another
+    dataset version: the version is not the files' keys alone, or the old dataset would be
+    taken for current and keep the old tokens."""
+    from assets.config import DATASET_CONFIG, VOCABULARY_VERSION
+    from assets.corpus import current_shards, token_files
+    from meloformer_model.data.dataset import plan_dataset
+
+    storage, instance, _, _ = pipeline
+    tokens = token_files(storage, current_shards(instance, storage))
+    current = plan_dataset(tokens, DATASET_CONFIG, VOCABULARY_VERSION, TOKEN_VERSION)
+    assert current.version == latest_dataset_path(storage).name
+    changed = plan_dataset(tokens, DATASET_CONFIG, VOCABULARY_VERSION, "other-token-code")
+    assert changed.version != current.version
+    assert set(changed.fingerprints.values()).isdisjoint(current.fingerprints.values())

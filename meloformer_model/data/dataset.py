@@ -164,10 +164,13 @@ class DatasetPlan:
 
 
 def plan_dataset(
-    token_shards: dict[str, Path], config: DatasetConfig, vocab_hash: str
+    token_shards: dict[str, Path], config: DatasetConfig, vocab_hash: str, token_version: str
 ) -> DatasetPlan:
     """The dataset version for these token shards (``shard -> parquet``), from their key columns
-    only (path, file hash, content hash): cheap enough to ask whether a version is current."""
+    only (path, file hash, content hash) and the versions of the tokenizer config
+    (``vocab_hash``) and of the token stage's code (``token_version``): cheap enough to ask
+    whether a version is current, and a tokenizer code change that re-tokenizes the same files
+    is a new version."""
     if not token_shards:
         raise ValueError("no tokenized shards: materialize hid_tokens for at least one shard")
     keys = {
@@ -177,7 +180,8 @@ def plan_dataset(
         for shard, path in token_shards.items()
     }
     kept = _keep_first(keys)
-    settings = {**asdict(config), "vocab_hash": vocab_hash, "format": DATASET_FORMAT_VERSION}
+    settings = {**asdict(config), "vocab_hash": vocab_hash, "token_version": token_version,
+                "format": DATASET_FORMAT_VERSION}  # fmt: skip
     fingerprints = {
         shard: _digest(settings, keys[shard].select("path", "file_hash").rows(), kept[shard])
         for shard in sorted(keys)
@@ -190,10 +194,11 @@ def build_arrow_dataset(
     out_root: Path,
     config: DatasetConfig,
     vocab_hash: str,
+    token_version: str,
     previous: Path | None = None,
 ) -> DatasetBuild:
     """Assemble the dataset version for these token shards (``shard -> parquet``)."""
-    plan = plan_dataset(token_shards, config, vocab_hash)
+    plan = plan_dataset(token_shards, config, vocab_hash, token_version)
     version, fingerprints = plan.version, plan.fingerprints
     shards = sorted(fingerprints)
     target = out_root / version

@@ -68,7 +68,8 @@ def prepare_corpus(
         vocab.add_counts(ids["ids"].explode().to_numpy())
     vocab_path = vocab.save(root / "vocab.json")
     build = build_arrow_dataset(token_files, root / "arrow_dataset",
-                                dataset_config or DatasetConfig(), vocab.config_hash())  # fmt: skip
+                                dataset_config or DatasetConfig(), vocab.config_hash(),
+                                stages.token_version(tc))  # fmt: skip
     return PreparedCorpus(build, vocab, vocab_path)
 
 
