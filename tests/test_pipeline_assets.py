@@ -76,6 +76,15 @@ def load_rows(storage) -> dict[str, dict[str, list]]:
     return {s: {row["path"]: row["ids"] for row in data[s]} for s in data}
 
 
+def small_corpus(tmp_path: Path, files: list[Path], **settings) -> CorpusStorage:
+    """A corpus folder holding copies of ``files``, and the storage over it."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in files:
+        shutil.copy(path, corpus / path.name)
+    return CorpusStorage(corpus_dir=str(corpus), data_root=str(tmp_path / "data"), **settings)
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, sample_files):
     """A corpus of real pieces, an exact duplicate and every corrupt case, fully materialized."""
@@ -428,11 +437,8 @@ def test_current_dataset_only_when_nothing_changed(pipeline, sample_files):
 
 
 def test_sensor_requests_new_shards_then_skips(tmp_path, sample_files):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for path in sample_files[:5]:
-        shutil.copy(path, corpus / path.name)
-    storage = CorpusStorage(corpus_dir=str(corpus), data_root=str(tmp_path / "data"), shard_size=3)
+    storage = small_corpus(tmp_path, sample_files[:5], shard_size=3)
+    corpus = Path(storage.corpus_dir)
     instance = dg.DagsterInstance.ephemeral()
     with dg.build_sensor_context(instance=instance, resources={"storage": storage}) as context:
         result = midi_corpus_sensor(context)
@@ -466,11 +472,8 @@ def test_a_changed_file_marks_only_its_shard_unsynced(tmp_path, sample_files):
 
     from assets.corpus import midi_corpus
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for path in sample_files[:6]:
-        shutil.copy(path, corpus / path.name)
-    storage = CorpusStorage(corpus_dir=str(corpus), data_root=str(tmp_path / "data"), shard_size=3)
+    storage = small_corpus(tmp_path, sample_files[:6], shard_size=3)
+    corpus = Path(storage.corpus_dir)
     instance = dg.DagsterInstance.ephemeral()
     resources = {"storage": storage}
     graph = dg.Definitions(assets=[midi_corpus, *SHARD_ASSETS], resources=resources)
@@ -513,11 +516,7 @@ def _success_context(instance, run_id: str) -> dg.RunStatusSensorContext:
 def test_dataset_sensor_requests_one_build_per_state_of_the_shards(tmp_path, sample_files):
     """Two shard runs that end before one tick ask for one dataset build (the same run key);
     once the dataset is built after the newest shard output, a late event asks for none."""
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for path in sample_files[:6]:
-        shutil.copy(path, corpus / path.name)
-    storage = CorpusStorage(corpus_dir=str(corpus), data_root=str(tmp_path / "data"), shard_size=3)
+    storage = small_corpus(tmp_path, sample_files[:6], shard_size=3)
     instance = dg.DagsterInstance.ephemeral()
     refresh = plan_refresh(storage, instance)
     instance.add_dynamic_partitions(midi_shards.name, refresh.new_shards)
@@ -536,11 +535,7 @@ def test_dataset_sensor_requests_one_build_per_state_of_the_shards(tmp_path, sam
 
 
 def test_schedule_registers_partitions_and_requests_runs(tmp_path, sample_files):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for path in sample_files[:4]:
-        shutil.copy(path, corpus / path.name)
-    storage = CorpusStorage(corpus_dir=str(corpus), data_root=str(tmp_path / "data"), shard_size=2)
+    storage = small_corpus(tmp_path, sample_files[:4], shard_size=2)
     # Not `with instance`: dagster 1.13 leaves its defs-state storage set after __exit__,
     # which breaks later materializations in this process once the instance is collected.
     (tmp_path / "home").mkdir()
@@ -593,13 +588,8 @@ dg.materialize([filtered_midi], partition_key="shard-00000", instance=instance,
 
 
 def test_kill_mid_write_leaves_no_artifact_and_rerun_completes(tmp_path, sample_files):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for path in sample_files[:6]:
-        shutil.copy(path, corpus / path.name)
-    storage = CorpusStorage(
-        corpus_dir=str(corpus), data_root=str(tmp_path / "data"), shard_size=100, workers=1
-    )
+    storage = small_corpus(tmp_path, sample_files[:6], shard_size=100, workers=1)
+    corpus = Path(storage.corpus_dir)
     instance = dg.DagsterInstance.ephemeral()
     plan_refresh(storage, instance)
     proc = subprocess.run(
@@ -622,10 +612,7 @@ def test_kill_mid_write_leaves_no_artifact_and_rerun_completes(tmp_path, sample_
 def test_assets_run_out_of_order_name_what_to_materialize_first(tmp_path, sample_files):
     """A shard's chords before its filter output, the vocabulary before any shard, the dataset
     before the vocabulary: each fails naming the asset to materialize first."""
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    shutil.copy(sample_files[0], corpus / sample_files[0].name)
-    storage = CorpusStorage(corpus_dir=str(corpus), data_root=str(tmp_path / "data"))
+    storage = small_corpus(tmp_path, sample_files[:1])
     instance = dg.DagsterInstance.ephemeral()
     resources = {"storage": storage}
 

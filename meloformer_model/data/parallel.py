@@ -62,14 +62,3 @@ def imap_with_progress(
                 for result in pool.map(fn, items, chunksize=chunksize):
                     yield result
                     bar.update()
-
-
-def map_with_progress(
-    fn: Callable[[T], R],
-    items: Sequence[T],
-    workers: int = 1,
-    desc: str = "",
-    progress: bool = True,
-    chunksize: int = 8,
-) -> list[R]:
-    return list(imap_with_progress(fn, items, workers, desc, progress, chunksize))

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from meloformer_model.atomic import write_parquet_atomic
 from meloformer_model.data.corpus import INSPECTION_SCHEMA, inspection_frame, mark_duplicates
 from meloformer_model.data.filtering import FileReport, FilterConfig, inspect_file
-from meloformer_model.data.parallel import map_with_progress, pool_workers
+from meloformer_model.data.parallel import imap_with_progress, pool_workers
 from meloformer_model.data.tokenize_corpus import (
     CHORD_COLUMNS,
     TOKEN_COLUMNS,
@@ -117,7 +117,7 @@ def filter_shard(
         items = [WorkItem(corpus_dir / p, p) for p in todo["path"].to_list()]
         work = partial(_inspect_item, config=config)
         n = pool_workers(len(items), workers)
-        reports = map_with_progress(work, items, n, "filter", progress, 16)
+        reports = list(imap_with_progress(work, items, n, "filter", progress, 16))
         frame = inspection_frame(reports)
         return frame.with_columns(todo["file_hash"].alias("file_hash")).select(FILTER_COLUMNS)
 

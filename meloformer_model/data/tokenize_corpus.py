@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from meloformer_model.data.parallel import map_with_progress
+from meloformer_model.data.parallel import imap_with_progress
 from meloformer_model.tokenizer.config import TokenizerConfig
 from meloformer_model.tokenizer.hid import HIDTokenizer
 
@@ -67,9 +67,8 @@ def annotate_chords(
     items: list[WorkItem], config: TokenizerConfig, workers: int = 1, progress: bool = True
 ) -> list[FileResult]:
     """One chord id per bar for each file, over the tokenizer's own bars."""
-    return map_with_progress(
-        partial(_chords_one, config=config), items, workers, "chords", progress
-    )
+    work = partial(_chords_one, config=config)
+    return list(imap_with_progress(work, items, workers, "chords", progress))
 
 
 def tokenize_files(
@@ -77,7 +76,7 @@ def tokenize_files(
 ) -> list[FileResult]:
     """HID token ids and side information for each file (chords reused where given)."""
     work = partial(_tokens_one, config=config)
-    return map_with_progress(work, items, workers, "tokenize", progress)
+    return list(imap_with_progress(work, items, workers, "tokenize", progress))
 
 
 def _validity(valid: np.ndarray) -> pa.Buffer | None:
