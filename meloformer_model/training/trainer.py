@@ -438,8 +438,8 @@ def _train(
         )
     configs = {"model": model_cfg.to_dict(), "train": config.to_dict(),
                "tokenizer": vocab.config.to_dict(), **run}  # fmt: skip
-    # tokens and seconds of the training steps (not eval or saving), over every session of
-    # the run, so a resumed run reports the whole run's tokens/s
+    # tokens (every process's) and seconds of the training steps (not eval or saving), over
+    # every session of the run, so a resumed run reports the whole run's tokens/s
     state = {"step": 0, "epoch": 0, "batch": 0, "history": [], "best_loss": None,
              "tokens_seen": 0, "step_seconds": 0.0}  # fmt: skip
     if existing:
@@ -466,10 +466,12 @@ def _train(
             micro.append(batch)
         state["epoch"], state["batch"] = epoch, index + 1
         targets = sum(b.n_targets for b in micro)
-        if world > 1:
-            count = torch.tensor(targets, device=dev)
-            dist.all_reduce(count)
-            targets = int(count)
+        step_tokens = sum(int((batch.doc >= 0).sum()) for batch in micro)
+        if world > 1:  # every process's: the loss is a mean over all targets
+            counts = torch.tensor([targets, step_tokens], device=dev)
+            dist.all_reduce(counts)
+            targets, step_tokens = (int(count) for count in counts)
+        state["tokens_seen"] += step_tokens
         lr = lr_at(state["step"], config)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -477,8 +479,6 @@ def _train(
         # the host batch, which reaches the GPU through pinned memory: between micro-batches
         # nothing waits for the GPU, so the host queues the next one while it runs this one
         total = torch.zeros((), device=dev)
-        step_tokens = sum(int((batch.doc >= 0).sum()) for batch in micro)
-        state["tokens_seen"] += step_tokens
         try:
             for i, batch in enumerate(micro):
                 batch = batch.to(dev)
@@ -511,7 +511,7 @@ def _train(
         state["step_seconds"] += seconds
         state["step"] += 1
         record = {"step": state["step"], "loss": total / targets, "lr": lr,
-                  "grad_norm": grad_norm, "tokens": step_tokens * world,
+                  "grad_norm": grad_norm, "tokens": step_tokens,
                   "seconds": seconds}  # fmt: skip
         # a stop before max_steps saves a checkpoint to resume from but evaluates nothing extra:
         # the history and the best checkpoint stay those of an uninterrupted run
@@ -531,7 +531,7 @@ def _train(
     if world > 1:
         dist.barrier()  # rank 0's checkpoint is on disk before any rank reports it
     seconds = state["step_seconds"]
-    tokens_per_second = state["tokens_seen"] * world / seconds if seconds else 0.0
+    tokens_per_second = state["tokens_seen"] / seconds if seconds else 0.0
     params = expected_parameters(model_cfg)
     # PaLM-style count: 6 N per token plus causal attention 6 L C T (no recomputation counted)
     per_token = 6 * params + 6 * model_cfg.n_layer * model_cfg.n_embd * config.seq_len
