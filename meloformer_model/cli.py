@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -434,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except CliError as exc:
         print(f"meloformer {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader stopped early (`| head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 1
     return 0
 

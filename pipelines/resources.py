@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import dagster as dg
+import pydantic
 from pydantic import Field
 
 from meloformer_model.data.parallel import available_cores
@@ -91,9 +92,20 @@ def _env_int(name: str, default: int) -> int:
 
 
 def training_from_env() -> TrainingSettings:
-    return TrainingSettings(
-        profile=os.environ.get(PROFILE_ENV, "cpu"),
-        size=os.environ.get(SIZE_ENV, ""),
-        processes=_env_int(PROCESSES_ENV, 1),
-        max_steps=_env_int(STEPS_ENV, 0),
-    )
+    """The training settings the environment gives; a value the resource refuses is named by
+    its variable in one line (pydantic's report takes four)."""
+    variables = {"profile": PROFILE_ENV, "size": SIZE_ENV, "processes": PROCESSES_ENV,
+                 "max_steps": STEPS_ENV}  # fmt: skip
+    try:
+        return TrainingSettings(
+            profile=os.environ.get(PROFILE_ENV, "cpu"),
+            size=os.environ.get(SIZE_ENV, ""),
+            processes=_env_int(PROCESSES_ENV, 1),
+            max_steps=_env_int(STEPS_ENV, 0),
+        )
+    except pydantic.ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = variables[str(error["loc"][0])]
+            problems.append(f"{name}={os.environ.get(name, '')!r}: {error['msg'].lower()}")
+        raise ValueError("; ".join(problems)) from None

@@ -10,7 +10,7 @@ import sys
 
 import dagster as dg
 
-from assets.corpus import latest_dataset_path
+from assets.corpus import latest_dataset_path, latest_vocabulary_path
 from assets.partitions import midi_shards
 from meloformer_model.data.parallel import release_freed_memory
 from pipelines.jobs import dataset_job, shard_job, training_job
@@ -65,9 +65,13 @@ def run_corpus_pipeline(instance: dg.DagsterInstance) -> bool:
         if not result.success:
             _report_failure(result, f"training_job on {dataset.name}")
             return False
-    for asset in ("trained_model", "evaluation_report"):
-        event = instance.get_latest_materialization_event(dg.AssetKey(asset))
-        meta = event.asset_materialization.metadata
+    print(f"  vocabulary: {latest_vocabulary_path(storage)}")
+    for asset in ("trained_model", "evaluation_report"):  # this dataset version's
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[dataset.name]),
+            limit=1,
+        ).records
+        meta = records[0].asset_materialization.metadata
         for key in (
             "checkpoint",
             "best_checkpoint",
@@ -87,6 +91,8 @@ def _report_failure(result: dg.ExecuteInProcessResult, what: str) -> None:
     """Each failed step's error in a line (its stack trace is in the run's logs in the UI)."""
     for event in result.get_step_failure_events():
         error = event.event_specific_data.error
+        while error is not None and error.cause is not None:  # Dagster wraps the step's error
+            error = error.cause
         message = " ".join(error.message.split()) if error else "failed"
         print(f"{what}: step {event.step_key} failed: {message}", file=sys.stderr)
     print(f"{what} failed (run {result.run_id}); see it in the Dagster UI", file=sys.stderr)

@@ -3,6 +3,7 @@
 import os
 
 import dagster as dg
+from dagster._utils.schedules import is_valid_cron_string  # Dagster's own check (pinned)
 
 from assets.partitions import midi_shards
 from pipelines.jobs import IN_PROGRESS, PARTITION_TAG, shard_job
@@ -13,9 +14,21 @@ REFRESH_CRON_ENV = "MELOFORMER_REFRESH_CRON"
 DEFAULT_REFRESH_CRON = "0 3 * * *"
 
 
+def refresh_cron() -> str:
+    """The refresh schedule the environment sets, refused in one line when it is no cron string
+    (Dagster's own refusal is a traceback when the definitions load)."""
+    cron = os.environ.get(REFRESH_CRON_ENV) or DEFAULT_REFRESH_CRON
+    if not is_valid_cron_string(cron):
+        raise ValueError(
+            f"{REFRESH_CRON_ENV}={cron!r}: not a cron schedule (minute hour day month weekday, "
+            f"e.g. {DEFAULT_REFRESH_CRON!r})"
+        )
+    return cron
+
+
 @dg.schedule(
     job=shard_job,
-    cron_schedule=os.environ.get(REFRESH_CRON_ENV, DEFAULT_REFRESH_CRON),
+    cron_schedule=refresh_cron(),
     description="Re-scan the corpus folder and run new or changed shards, and any shard whose "
     "output is missing.",
 )

@@ -71,6 +71,17 @@ def test_inspect_prints_bars_and_chords(sample_files):
     assert "chord" in bar_lines[0] and "Bar" in bar_lines[0]
 
 
+def test_a_reader_that_stops_early_gets_no_traceback(sample_files):
+    """``meloformer inspect FILE | head``: the pipe closes while the command still writes."""
+    longest = max(sample_files, key=lambda p: p.stat().st_size)
+    proc = subprocess.Popen([sys.executable, "-m", "meloformer_model.cli", "inspect", str(longest)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout.readline().startswith(str(longest).encode())
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1 and stderr == "", stderr
+
+
 def test_unreadable_input_gives_one_line_and_nonzero_exit(tmp_path):
     bad = tmp_path / "bad.mid"
     bad.write_bytes(b"not midi at all")

@@ -89,8 +89,8 @@ def test_benchmark_report_names_the_gpu_a_result_ran_on():
 
 
 def test_the_main_job_names_bad_settings_in_one_line(tmp_path):
-    """``make run`` with a mistyped corpus folder or training profile: one line, exit 1, and no
-    run started (the instance holds none)."""
+    """``make run`` with a mistyped corpus folder, training setting or refresh schedule: one
+    line, exit 1, and no run started (the instance holds none)."""
     import shutil
     import subprocess
     import sys
@@ -100,7 +100,11 @@ def test_the_main_job_names_bad_settings_in_one_line(tmp_path):
     cases = (
         ({"MELOFORMER_CORPUS_DIR": str(tmp_path / "typo")}, f"corpus folder {tmp_path / 'typo'}"),
         ({"MELOFORMER_TRAIN_STEPS": "ten"}, "MELOFORMER_TRAIN_STEPS='ten': not a whole number"),
-    )
+        ({"MELOFORMER_TRAIN_PROCESSES": "0"},
+         "MELOFORMER_TRAIN_PROCESSES='0': input should be greater than or equal to 1"),
+        ({"MELOFORMER_REFRESH_CRON": "notacron"},
+         "MELOFORMER_REFRESH_CRON='notacron': not a cron schedule"),
+    )  # fmt: skip
     for env, message in cases:
         home = tmp_path / f"home-{len(env)}-{next(iter(env))}"
         home.mkdir()
@@ -140,3 +144,56 @@ def test_the_main_job_reports_a_failed_check_without_a_traceback(tmp_path, sampl
     failure = "dataset_job: step arrow_dataset_checks failed: "
     line = next(line for line in proc.stderr.splitlines() if line.startswith(failure))
     assert line.endswith("arrow_dataset: train_and_valid_hold_pieces"), line
+
+
+def test_the_main_job_reports_its_own_data_roots_run(tmp_path, sample_files):
+    """Two data roots on one instance: ``make run`` prints the checkpoint and report of the
+    dataset version it built, not the instance's newest; a step count below the finished run's
+    is refused with the reason in one line (Dagster wraps it in its own error)."""
+    import shutil
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(INSTANCE_CONFIG, home / "dagster.yaml")
+
+    def make_run(root: str, files: int, steps: str) -> subprocess.CompletedProcess:
+        corpus = tmp_path / f"corpus-{files}"
+        if not corpus.exists():
+            corpus.mkdir()
+            for path in sample_files[:files]:
+                shutil.copy(path, corpus / path.name)
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(home),
+            "MELOFORMER_CORPUS_DIR": str(corpus),
+            "MELOFORMER_DATA_ROOT": str(tmp_path / root),
+            "MELOFORMER_TRAIN_STEPS": steps,
+        }
+        return subprocess.run(
+            [sys.executable, "-W", "ignore", "-m", "pipelines.run"],
+            env=env,
+            cwd=PROJECT_DIR,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    def printed(proc, key: str) -> str:
+        return next(line.split(": ", 1)[1] for line in proc.stdout.splitlines()
+                    if line.strip().startswith(key))  # fmt: skip
+
+    for root, files in (("a", 40), ("b", 44)):
+        proc = make_run(root, files, "2")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert printed(proc, "trained_model.checkpoint:").startswith(str(tmp_path / root))
+    again = make_run("a", 40, "2")
+    assert "training_job skipped" in again.stdout
+    for key in ("vocabulary:", "trained_model.checkpoint:", "evaluation_report.report:"):
+        assert printed(again, key).startswith(str(tmp_path / "a")), again.stdout
+    fewer = make_run("a", 40, "1")
+    assert fewer.returncode == 1
+    failed = next(x for x in fewer.stderr.splitlines() if "step trained_model failed" in x)
+    assert failed.endswith("past max_steps 1: ask for at least 2 steps, or train into another "
+                           "folder"), failed  # fmt: skip
