@@ -19,7 +19,7 @@ import torch
 
 from meloformer_model.data.midi_io import MidiSource, load_score, source_name
 from meloformer_model.model import IncrementalDecoder, MeloFormer
-from meloformer_model.sampling import SamplingConfig
+from meloformer_model.sampling import TOKENS_TO_END, SamplingConfig
 from meloformer_model.tokenizer.config import DRUM_INSTRUMENT, instrument_rank_table
 from meloformer_model.tokenizer.hid import HIDTokenizer, IncrementalSideInformation
 from meloformer_model.tokenizer.vocab import FAMILIES
@@ -218,7 +218,8 @@ def generate_batch(
     if not all(prompts):
         raise ValueError("an empty prompt: every piece starts from one (prompt_from_scratch)")
     model.eval()
-    decoder = IncrementalDecoder(model, len(prompts))
+    longest = max(config.max_tokens, *map(len, prompts)) + TOKENS_TO_END
+    decoder = IncrementalDecoder(model, len(prompts), capacity=longest)
     pieces = [_Piece(tokenizer, instruments, config.seed + i) for i in range(len(prompts))]
     eos = tokenizer.vocab["EOS"]
     logits = None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
@@ -63,14 +63,17 @@ class AttentionRules:
     summaries_beyond_fine_bars_only: bool = False
     summary_sees_earlier_summaries: bool = True
 
+    def __post_init__(self) -> None:
+        """Lists become tuples (JSON gives lists): the rules are hashed, as a cache key."""
+        object.__setattr__(self, "fine_bar_offsets", tuple(self.fine_bar_offsets))
+        rules = tuple((q, tuple(keys)) for q, keys in self.type_rules)
+        object.__setattr__(self, "type_rules", rules)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> AttentionRules:
-        data = dict(data)
-        data["fine_bar_offsets"] = tuple(data["fine_bar_offsets"])
-        data["type_rules"] = tuple((q, tuple(ks)) for q, ks in data["type_rules"])
         return cls(**data)
 
 
@@ -102,8 +105,14 @@ class ModelConfig:
     rules: AttentionRules = field(default_factory=AttentionRules)
 
     def __post_init__(self) -> None:
+        if not (self.n_head >= 1 and self.n_kv_head >= 1):
+            raise ValueError(f"n_head {self.n_head} and n_kv_head {self.n_kv_head} must be >= 1")
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError("n_embd must divide into n_head heads, n_head into n_kv_head groups")
+        if self.head_dim % 2:
+            raise ValueError(
+                f"head dim {self.head_dim} (n_embd / n_head) must be even: RoPE rotates pairs"
+            )
         if self.backend not in ("dense", "flex"):
             raise ValueError(f"backend must be 'dense' or 'flex', not {self.backend!r}")
 
@@ -760,13 +769,6 @@ class MeloFormer(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def with_config(self, **changes) -> MeloFormer:
-        """The same weights under another runtime setting (backend, checkpointing)."""
-        self.config = replace(self.config, **changes)
-        for block in self.blocks:
-            block.config = self.config
-        return self
-
     def compile_blocks(self) -> MeloFormer:
         """torch.compile each block in place (weights and state-dict keys unchanged): the
         elementwise work around the matmuls (norms, RoPE, SwiGLU, casts) fuses, which made the
@@ -808,10 +810,11 @@ class MeloFormer(nn.Module):
 
 # --------------------------------------------------------------------------------- decoding
 class _Growing:
-    """A tensor that grows along one dimension (doubling), for caches of unknown length."""
+    """A tensor that grows along one dimension, for caches whose length is known only roughly:
+    it starts at ``capacity`` (the expected length) and doubles past it."""
 
-    def __init__(self, dim: int):
-        self.dim = dim
+    def __init__(self, dim: int, capacity: int = 256):
+        self.dim, self.capacity = dim, capacity
         self.data: torch.Tensor | None = None
         self.length = 0
 
@@ -819,7 +822,7 @@ class _Growing:
         n = x.shape[self.dim]
         if self.data is None:
             shape = list(x.shape)
-            shape[self.dim] = max(256, n)
+            shape[self.dim] = max(self.capacity, n)
             self.data = x.new_empty(shape)
         if self.length + n > self.data.shape[self.dim]:
             self.data = torch.cat([self.data, torch.empty_like(self.data)], self.dim)
@@ -827,18 +830,29 @@ class _Growing:
         self.length += n
         return self.view()
 
-    def view(self) -> torch.Tensor:
-        return self.data.narrow(self.dim, 0, self.length)
+    def view(self) -> torch.Tensor | None:
+        return None if self.data is None else self.data.narrow(self.dim, 0, self.length)
 
 
-def _decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
-    """One query position against the cache: plain math beats SDPA's overhead at this size."""
+def _decode_attend(q: torch.Tensor, keys: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """One query position against key sets ``(k, v, mask)`` sharing one softmax (the regular
+    tokens' cache and a summary cache: each key is stored once). Plain math beats SDPA's
+    overhead at this size."""
     batch, heads, _, dim = q.shape
-    groups = heads // k.shape[1]
-    q = q.view(batch, k.shape[1], groups, dim)
-    scores = torch.einsum("bhgd,bhkd->bhgk", q, k) / math.sqrt(dim)
-    scores = scores.masked_fill(~mask.view(batch, 1, 1, -1), float("-inf"))
-    out = torch.einsum("bhgk,bhkd->bhgd", torch.softmax(scores, dim=-1), v)
+    kv_heads = keys[0][0].shape[1]
+    q = q.view(batch, kv_heads, heads // kv_heads, dim)
+    scores = torch.cat(
+        [
+            torch.einsum("bhgd,bhkd->bhgk", q, k).masked_fill(
+                ~mask.view(batch, 1, 1, -1), float("-inf")
+            )
+            for k, _, mask in keys
+        ],
+        dim=-1,
+    )
+    probs = torch.softmax(scores / math.sqrt(dim), dim=-1)
+    parts = probs.split([k.shape[2] for k, _, _ in keys], dim=-1)
+    out = sum(torch.einsum("bhgk,bhkd->bhgd", p, v) for p, (_, v, _) in zip(parts, keys))
     return out.reshape(batch, heads, 1, dim)
 
 
@@ -846,35 +860,44 @@ class IncrementalDecoder:
     """KV-cache decoding of ``batch`` sequences side by side: the same logits as a full forward
     pass of each (decoding is bound by reading the weights, which a batch reads once per step).
 
-    Keys are cached in arrival order, summaries interleaved with regular tokens (attention does
-    not care about key order as long as the mask follows it). Per layer there are two caches:
-    the keys summaries read (regular + first-stage summary keys) and the keys regular tokens
-    read (regular + second-stage summary keys). When the first token of bar b arrives, the
-    summaries of the bars before it are computed through all layers and appended; a sequence
-    with fewer bars to summarize in that step gets a placeholder key (document -1) that none of
-    its tokens can see, so all caches stay one length.
+    Per layer, the regular tokens' keys and values are cached once, in arrival order, and read
+    by both phases; the summaries' first-stage keys (read by summaries) and second-stage keys
+    (read by regular tokens) have caches of their own, a key per bar. When the first token of
+    bar b arrives, the summary of bar b - 1 is computed through all layers and appended; a
+    sequence with no bar to summarize in that step gets a placeholder key (document -1) that
+    none of its tokens can see, so the caches stay one length across the batch. ``capacity``:
+    the tokens expected per sequence, so the caches are allocated once (they double past it).
     """
 
-    def __init__(self, model: MeloFormer, batch: int = 1):
+    def __init__(self, model: MeloFormer, batch: int = 1, capacity: int = 256):
         self.model = model
         n = model.config.n_layer
-        self.summarize_k = [_Growing(2) for _ in range(n)]
-        self.summarize_v = [_Growing(2) for _ in range(n)]
-        self.update_k = [_Growing(2) for _ in range(n)]
-        self.update_v = [_Growing(2) for _ in range(n)]
-        self.attrs = _Growing(2)
-        self.summarized = [-1] * batch
+
+        def caches(length: int) -> list[_Growing]:
+            return [_Growing(2, length) for _ in range(n)]
+
+        bars = max(16, capacity // 16)  # summaries: one per bar, bars of tens of tokens
+        self.regular_k, self.regular_v = caches(capacity), caches(capacity)
+        self.summary_k, self.summary_v = caches(bars), caches(bars)  # first stage
+        self.summary_k2, self.summary_v2 = caches(bars), caches(bars)  # second stage
+        self.regular_attrs, self.summary_attrs = _Growing(2, capacity), _Growing(2, bars)
         self.last_bar = [-1] * batch
         self.pos = [0] * batch
 
-    def _add(self, rows: list[tuple[int, ...]]) -> tuple[Stream, torch.Tensor]:
-        """Append one key's side information per sequence; return the query stream (B, 1) and
-        the mask rows (B, 1, L)."""
+    def _add(self, rows: list[tuple[int, ...]], summary: bool) -> tuple[Stream, list]:
+        """Append one key's side information per sequence to the regular or the summary keys;
+        return the query stream (B, 1) and its mask rows over the regular keys and over the
+        summary keys (None before the first summary)."""
         device = self.model.embed.weight.device
-        keys = self.attrs.append(torch.tensor(rows, device=device).unsqueeze(2))
-        query = _stream(keys[:, :, -1:])
-        mask = visible(self.model.config.rules, query.expand(2), _stream(keys).expand(1))
-        return query, mask
+        new = torch.tensor(rows, device=device).unsqueeze(2)
+        (self.summary_attrs if summary else self.regular_attrs).append(new)
+        query = _stream(new)
+        return query, [
+            None if keys is None else visible(
+                self.model.config.rules, query.expand(2), _stream(keys).expand(1)
+            )
+            for keys in (self.regular_attrs.view(), self.summary_attrs.view())
+        ]  # fmt: skip
 
     def _rotation(self, query: Stream) -> Rotation:
         config = self.model.config
@@ -889,30 +912,34 @@ class IncrementalDecoder:
             else (-1, -1, GLOBAL_INSTRUMENT, 0, -1, -1, 1)
             for bar, pos in zip(bars, self.pos)
         ]
-        query, mask = self._add(rows)
+        query, (to_regular, to_summaries) = self._add(rows, summary=True)
         rot = self._rotation(query)
         h = model.summary_embed.expand(len(bars), 1, -1)
         for i, block in enumerate(model.blocks):
             q, k, v = block.qkv(block.norm_attn(h), rot)
-            ks, vs = self.summarize_k[i].append(k), self.summarize_v[i].append(v)
-            h = h + block.wo(block._merge(_decode_attend(q, ks, vs, mask)))
+            keys = [(self.summary_k[i].append(k), self.summary_v[i].append(v), to_summaries)]
+            if to_regular is not None:
+                keys.append((self.regular_k[i].view(), self.regular_v[i].view(), to_regular))
+            h = h + block.wo(block._merge(_decode_attend(q, keys)))
             k2, v2 = block.second_stage(h, rot)
-            self.update_k[i].append(k2)
-            self.update_v[i].append(v2)
+            self.summary_k2[i].append(k2)
+            self.summary_v2[i].append(v2)
             h = h + block.ffn(block.norm_ffn(h))
 
     def _summaries_due(self, bars: list[int]) -> None:
-        """Summarize each sequence's bars finished before its new token's bar, in rounds."""
+        """Summarize the bar each sequence's new token leaves (bar ids count up by one, as
+        the tokenizer numbers them)."""
         due = []
         for b, bar in enumerate(bars):
-            todo = []
-            if bar > self.last_bar[b] >= 0:
-                todo = list(range(self.summarized[b] + 1, bar))
-                self.summarized[b] = bar - 1
+            if bar > self.last_bar[b] + 1 and self.last_bar[b] >= 0:
+                raise ValueError(
+                    f"sequence {b}: bar {bar} after bar {self.last_bar[b]}: bar ids count up by "
+                    "one (an empty bar is a bar of its own)"
+                )
+            due.append(self.last_bar[b] if bar > self.last_bar[b] >= 0 else None)
             self.last_bar[b] = max(self.last_bar[b], bar)
-            due.append(todo)
-        for r in range(max(map(len, due))):
-            self._summarize([todo[r] if r < len(todo) else None for todo in due])
+        if any(bar is not None for bar in due):
+            self._summarize(due)
 
     @torch.no_grad()
     def step(self, tokens, bars, instruments, token_types, onset_groups) -> torch.Tensor:
@@ -922,17 +949,19 @@ class IncrementalDecoder:
         bars = [int(bar) for bar in bars]
         self._summaries_due(bars)
         rows = zip(bars, instruments, token_types, onset_groups, self.pos)
-        query, mask = self._add([(0, *row, 0) for row in rows])  # document 0, not a summary
+        query, (to_regular, to_summaries) = self._add(
+            [(0, *row, 0) for row in rows], summary=False
+        )  # document 0, not a summary
         self.pos = [pos + 1 for pos in self.pos]
         ids = torch.tensor(list(tokens), device=model.embed.weight.device).view(-1, 1)
         rot = self._rotation(query)
         h = model.embed(ids)
         for i, block in enumerate(model.blocks):
             q, k, v = block.qkv(block.norm_attn(h), rot)
-            self.summarize_k[i].append(k)
-            self.summarize_v[i].append(v)
-            ks, vs = self.update_k[i].append(k), self.update_v[i].append(v)
-            h = h + block.wo(block._merge(_decode_attend(q, ks, vs, mask)))
+            keys = [(self.regular_k[i].append(k), self.regular_v[i].append(v), to_regular)]
+            if to_summaries is not None:
+                keys.append((self.summary_k2[i].view(), self.summary_v2[i].view(), to_summaries))
+            h = h + block.wo(block._merge(_decode_attend(q, keys)))
             h = h + block.ffn(block.norm_ffn(h))
         return F.linear(model.norm(h), model.embed.weight)[:, 0]
 

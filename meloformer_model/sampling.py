@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The longest way to EOS once a piece is past max_tokens: a note's 4 tokens, then EOS
+TOKENS_TO_END = 5
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
     """``temperature`` 0 picks the likeliest allowed token; ``top_k`` 0 and ``top_p`` 1 keep
     every allowed token; ``max_tokens`` counts the prompt's tokens too: past it, a piece takes
-    the shortest way to EOS the grammar allows (at most 5 more tokens: a note's 4 and EOS).
+    the shortest way to EOS the grammar allows (at most ``TOKENS_TO_END`` more tokens).
     ``bars``: bars generated; a scratch prompt's open bar is the first of them."""
 
     temperature: float = 1.0

@@ -21,6 +21,7 @@ from meloformer_model.generation import (
     prompt_from_scratch,
     write_outputs,
 )
+from meloformer_model.sampling import TOKENS_TO_END
 from meloformer_model.tokenizer.hid import HIDTokenizer
 from meloformer_model.training.checkpoint import load_model, tokenizer_config
 from meloformer_model.training.trainer import PROFILES, train
@@ -92,7 +93,8 @@ def test_continuation_keeps_the_prompt(checkpoint, sample_files):
 
 def test_past_max_tokens_a_piece_takes_the_shortest_way_to_eos():
     """Logits that always favour another position (so another tempo change in a bar's header,
-    another onset among the notes): past ``max_tokens`` the piece still ends within 5 tokens."""
+    another onset among the notes): past ``max_tokens`` the piece still ends within
+    ``TOKENS_TO_END`` tokens."""
     from meloformer_model.generation import _Piece
 
     prompt = prompt_from_scratch(TOK)
@@ -107,7 +109,7 @@ def test_past_max_tokens_a_piece_takes_the_shortest_way_to_eos():
         config = SamplingConfig(bars=4, max_tokens=budget)
         while not piece.done:
             piece.feed(piece.choose(logits, config, eos))
-        assert len(piece.ids) <= budget + 5 and piece.ids[-1] == eos
+        assert len(piece.ids) <= budget + TOKENS_TO_END and piece.ids[-1] == eos
         TOK.decode_score(np.asarray(piece.ids))  # still a valid piece
 
 

@@ -1,7 +1,9 @@
 """MeloFormer: causality, document isolation, per-sample masks, mask/backend agreement, RoPE,
 KV-cache decoding, parameter counts. Real token sequences from the sample corpus."""
 
+import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -321,6 +323,26 @@ def test_batched_kv_cache_decoding_equals_each_full_forward(model, pieces):
     assert bar_ends[0] != bar_ends[1]
 
 
+def test_the_kv_cache_holds_each_key_once_allocated_once(model, pieces):
+    """Regular tokens' keys are cached once for both phases (they were twice), summaries a key
+    per finished bar and stage; a decoder sized for the sequence never reallocates. Bar ids
+    that skip a bar are refused (the full forward would see other summaries)."""
+    seq, n = pieces[2], 300
+    decoder = IncrementalDecoder(model, capacity=n)
+    for i in range(n):
+        decoder.step(*([int(a[i])] for a in _fields(seq)))
+    bars = int(seq.bar[n - 1])
+    assert bars >= 3
+    for layer in range(model.config.n_layer):
+        assert (
+            decoder.regular_k[layer].view().shape[2] == n == decoder.regular_k[layer].data.shape[2]
+        )
+        assert decoder.summary_k[layer].view().shape[2] == bars
+        assert decoder.summary_k2[layer].view().shape[2] == bars
+    with pytest.raises(ValueError, match=f"bar {bars + 2} after bar {bars}: bar ids count up"):
+        decoder.step([int(seq.ids[n])], [bars + 2], [0], [0], [-1])
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(pieces):
     ids, *side = tensors(pieces[0], 256)
     grads = []
@@ -349,6 +371,23 @@ def test_parameter_counts_per_size():
     gqa = model_config("base", V, n_kv_head=2)
     assert expected_parameters(gqa) < expected_parameters(model_config("base", V))
     assert ModelConfig.from_dict(gqa.to_dict()) == gqa
+    as_json = json.loads(json.dumps(replace(gqa, rules=MUSEFORMER_RULES).to_dict()))
+    assert ModelConfig.from_dict(as_json).rules == MUSEFORMER_RULES
+
+
+def test_head_settings_that_cannot_run_are_refused():
+    """An odd head dim made RoPE broadcast into a non-rotation; 0 KV heads divided by zero;
+    rules built with lists (as JSON gives them) failed to hash where they are cached."""
+    for settings, message in (
+        ({"n_embd": 6, "n_head": 2, "n_kv_head": 2}, "head dim 3 .* must be even"),
+        ({"n_kv_head": 0}, "must be >= 1"),
+        ({"n_kv_head": -2}, "must be >= 1"),
+        ({"n_head": 4, "n_kv_head": 3}, "n_head into n_kv_head groups"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ModelConfig(V, **settings)
+    listed = AttentionRules(fine_bar_offsets=[0, 1], type_rules=[(1, [1, 2])])
+    assert hash(listed) == hash(AttentionRules(fine_bar_offsets=(0, 1), type_rules=((1, (1, 2)),)))
 
 
 def test_grouped_query_attention_runs_and_is_causal(pieces):
