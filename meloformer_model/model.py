@@ -835,24 +835,25 @@ class _Growing:
 
 
 def _decode_attend(q: torch.Tensor, keys: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
-    """One query position against key sets ``(k, v, mask)`` sharing one softmax (the regular
-    tokens' cache and a summary cache: each key is stored once). Plain math beats SDPA's
-    overhead at this size."""
+    """One query position against key sets ``(k, v, mask)`` sharing one softmax (a summary
+    reads two caches; a regular token one, the hot path, without the concatenation). Plain math
+    beats SDPA's overhead at this size."""
     batch, heads, _, dim = q.shape
     kv_heads = keys[0][0].shape[1]
     q = q.view(batch, kv_heads, heads // kv_heads, dim)
-    scores = torch.cat(
-        [
-            torch.einsum("bhgd,bhkd->bhgk", q, k).masked_fill(
-                ~mask.view(batch, 1, 1, -1), float("-inf")
-            )
-            for k, _, mask in keys
-        ],
-        dim=-1,
+    scores = [
+        torch.einsum("bhgd,bhkd->bhgk", q, k).masked_fill(
+            ~mask.view(batch, 1, 1, -1), float("-inf")
+        )
+        for k, _, mask in keys
+    ]
+    probs = torch.softmax(
+        (scores[0] if len(keys) == 1 else torch.cat(scores, -1)) / math.sqrt(dim), -1
     )
-    probs = torch.softmax(scores / math.sqrt(dim), dim=-1)
     parts = probs.split([k.shape[2] for k, _, _ in keys], dim=-1)
-    out = sum(torch.einsum("bhgk,bhkd->bhgd", p, v) for p, (_, v, _) in zip(parts, keys))
+    out = torch.einsum("bhgk,bhkd->bhgd", parts[0], keys[0][1])
+    for p, (_, v, _) in zip(parts[1:], keys[1:]):
+        out = out + torch.einsum("bhgk,bhkd->bhgd", p, v)
     return out.reshape(batch, heads, 1, dim)
 
 
@@ -860,44 +861,37 @@ class IncrementalDecoder:
     """KV-cache decoding of ``batch`` sequences side by side: the same logits as a full forward
     pass of each (decoding is bound by reading the weights, which a batch reads once per step).
 
-    Per layer, the regular tokens' keys and values are cached once, in arrival order, and read
-    by both phases; the summaries' first-stage keys (read by summaries) and second-stage keys
-    (read by regular tokens) have caches of their own, a key per bar. When the first token of
-    bar b arrives, the summary of bar b - 1 is computed through all layers and appended; a
-    sequence with no bar to summarize in that step gets a placeholder key (document -1) that
-    none of its tokens can see, so the caches stay one length across the batch. ``capacity``:
-    the tokens expected per sequence, so the caches are allocated once (they double past it).
+    Per layer, one cache holds the keys regular tokens read, in arrival order: the regular
+    tokens' keys and the summaries' second-stage keys (attention does not care about key order
+    as long as the mask follows it). Summaries read the regular keys from it (their own
+    second-stage keys masked out) and the summaries' first-stage keys from a small cache of a
+    key per bar, so no key is stored twice. When the first token of bar b arrives, the summary
+    of bar b - 1 is computed through all layers and appended; a sequence with no bar to
+    summarize in that step gets a placeholder key (document -1) that none of its tokens can
+    see, so the caches stay one length across the batch. ``capacity``: the tokens expected per
+    sequence, so the caches are allocated once (they double past it).
     """
 
     def __init__(self, model: MeloFormer, batch: int = 1, capacity: int = 256):
         self.model = model
         n = model.config.n_layer
+        bars = max(16, capacity // 16)  # summaries: one per bar, bars of tens of tokens
 
         def caches(length: int) -> list[_Growing]:
             return [_Growing(2, length) for _ in range(n)]
 
-        bars = max(16, capacity // 16)  # summaries: one per bar, bars of tens of tokens
-        self.regular_k, self.regular_v = caches(capacity), caches(capacity)
+        self.k, self.v = caches(capacity + bars), caches(capacity + bars)
         self.summary_k, self.summary_v = caches(bars), caches(bars)  # first stage
-        self.summary_k2, self.summary_v2 = caches(bars), caches(bars)  # second stage
-        self.regular_attrs, self.summary_attrs = _Growing(2, capacity), _Growing(2, bars)
+        self.attrs, self.summary_attrs = _Growing(2, capacity + bars), _Growing(2, bars)
         self.last_bar = [-1] * batch
         self.pos = [0] * batch
 
-    def _add(self, rows: list[tuple[int, ...]], summary: bool) -> tuple[Stream, list]:
-        """Append one key's side information per sequence to the regular or the summary keys;
-        return the query stream (B, 1) and its mask rows over the regular keys and over the
-        summary keys (None before the first summary)."""
-        device = self.model.embed.weight.device
-        new = torch.tensor(rows, device=device).unsqueeze(2)
-        (self.summary_attrs if summary else self.regular_attrs).append(new)
-        query = _stream(new)
-        return query, [
-            None if keys is None else visible(
-                self.model.config.rules, query.expand(2), _stream(keys).expand(1)
-            )
-            for keys in (self.regular_attrs.view(), self.summary_attrs.view())
-        ]  # fmt: skip
+    def _rows(self, rows: list[tuple[int, ...]]) -> torch.Tensor:
+        return torch.tensor(rows, device=self.model.embed.weight.device).unsqueeze(2)
+
+    def _mask(self, query: Stream, keys: torch.Tensor) -> torch.Tensor:
+        """The query's mask row (B, 1, L) over the keys' side information (B, 7, L)."""
+        return visible(self.model.config.rules, query.expand(2), _stream(keys).expand(1))
 
     def _rotation(self, query: Stream) -> Rotation:
         config = self.model.config
@@ -906,25 +900,33 @@ class IncrementalDecoder:
     def _summarize(self, bars: list[int | None]) -> None:
         """Summaries of ``bars`` (one per sequence; None: a placeholder) through all layers."""
         model = self.model
-        rows = [
+        new = self._rows([
             (0, bar, GLOBAL_INSTRUMENT, 0, -1, pos - 1, 1)
             if bar is not None
             else (-1, -1, GLOBAL_INSTRUMENT, 0, -1, -1, 1)
             for bar, pos in zip(bars, self.pos)
-        ]
-        query, (to_regular, to_summaries) = self._add(rows, summary=True)
+        ])  # fmt: skip
+        query = _stream(new)
+        shared = self.attrs.view()
+        to_regular = (
+            None
+            if shared is None
+            else self._mask(query, shared) & ~_stream(shared).summary[:, None]
+        )
+        to_summaries = self._mask(query, self.summary_attrs.append(new))
         rot = self._rotation(query)
         h = model.summary_embed.expand(len(bars), 1, -1)
         for i, block in enumerate(model.blocks):
             q, k, v = block.qkv(block.norm_attn(h), rot)
             keys = [(self.summary_k[i].append(k), self.summary_v[i].append(v), to_summaries)]
             if to_regular is not None:
-                keys.append((self.regular_k[i].view(), self.regular_v[i].view(), to_regular))
+                keys.append((self.k[i].view(), self.v[i].view(), to_regular))
             h = h + block.wo(block._merge(_decode_attend(q, keys)))
             k2, v2 = block.second_stage(h, rot)
-            self.summary_k2[i].append(k2)
-            self.summary_v2[i].append(v2)
+            self.k[i].append(k2)
+            self.v[i].append(v2)
             h = h + block.ffn(block.norm_ffn(h))
+        self.attrs.append(new)
 
     def _summaries_due(self, bars: list[int]) -> None:
         """Summarize the bar each sequence's new token leaves (bar ids count up by one, as
@@ -949,18 +951,16 @@ class IncrementalDecoder:
         bars = [int(bar) for bar in bars]
         self._summaries_due(bars)
         rows = zip(bars, instruments, token_types, onset_groups, self.pos)
-        query, (to_regular, to_summaries) = self._add(
-            [(0, *row, 0) for row in rows], summary=False
-        )  # document 0, not a summary
+        new = self._rows([(0, *row, 0) for row in rows])  # document 0, not a summary
+        query = _stream(new)
+        mask = self._mask(query, self.attrs.append(new))
         self.pos = [pos + 1 for pos in self.pos]
         ids = torch.tensor(list(tokens), device=model.embed.weight.device).view(-1, 1)
         rot = self._rotation(query)
         h = model.embed(ids)
         for i, block in enumerate(model.blocks):
             q, k, v = block.qkv(block.norm_attn(h), rot)
-            keys = [(self.regular_k[i].append(k), self.regular_v[i].append(v), to_regular)]
-            if to_summaries is not None:
-                keys.append((self.summary_k2[i].view(), self.summary_v2[i].view(), to_summaries))
+            keys = [(self.k[i].append(k), self.v[i].append(v), mask)]
             h = h + block.wo(block._merge(_decode_attend(q, keys)))
             h = h + block.ffn(block.norm_ffn(h))
         return F.linear(model.norm(h), model.embed.weight)[:, 0]

@@ -324,21 +324,22 @@ def test_batched_kv_cache_decoding_equals_each_full_forward(model, pieces):
 
 
 def test_the_kv_cache_holds_each_key_once_allocated_once(model, pieces):
-    """Regular tokens' keys are cached once for both phases (they were twice), summaries a key
-    per finished bar and stage; a decoder sized for the sequence never reallocates. Bar ids
-    that skip a bar are refused (the full forward would see other summaries)."""
+    """Regular tokens' keys are cached once for both phases (they were twice): one cache of
+    regular and second-stage summary keys, and a first-stage key per finished bar; a decoder
+    sized for the sequence never reallocates. Bar ids that skip a bar are refused (the full
+    forward would see other summaries)."""
     seq, n = pieces[2], 300
     decoder = IncrementalDecoder(model, capacity=n)
-    for i in range(n):
+    decoder.step(*([int(a[0])] for a in _fields(seq)))
+    first = [decoder.k[layer].data.data_ptr() for layer in range(model.config.n_layer)]
+    for i in range(1, n):
         decoder.step(*([int(a[i])] for a in _fields(seq)))
     bars = int(seq.bar[n - 1])
     assert bars >= 3
     for layer in range(model.config.n_layer):
-        assert (
-            decoder.regular_k[layer].view().shape[2] == n == decoder.regular_k[layer].data.shape[2]
-        )
+        assert decoder.k[layer].view().shape[2] == n + bars
         assert decoder.summary_k[layer].view().shape[2] == bars
-        assert decoder.summary_k2[layer].view().shape[2] == bars
+        assert decoder.k[layer].data.data_ptr() == first[layer]
     with pytest.raises(ValueError, match=f"bar {bars + 2} after bar {bars}: bar ids count up"):
         decoder.step([int(seq.ids[n])], [bars + 2], [0], [0], [-1])
 
