@@ -200,7 +200,7 @@ def profile_generate(model, tokenizer, n_tokens: int) -> dict:
     buckets = {
         "IncrementalDecoder.step": decoder.step,
         "  _summarize (summaries of finished bars)": decoder._summarize,
-        "  _add (side info + mask row via visible)": decoder._add,
+        "  _mask (mask row via visible)": decoder._mask,
         "  visible (mask predicate)": visible,
         "  _decode_attend": _decode_attend,
         "  apply_rope": apply_rope,
