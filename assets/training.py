@@ -68,7 +68,9 @@ def _materializations_of(instance: dg.DagsterInstance, version: str) -> set[int]
         cursor = page.cursor
 
 
-def _newest_evaluation(instance: dg.DagsterInstance, key: dg.AssetCheckKey, builds: set[int]):
+def _newest_evaluation(
+    instance: dg.DagsterInstance, key: dg.AssetCheckKey, builds: set[int]
+) -> dg.AssetCheckEvaluation | None:
     """The newest evaluation of check ``key`` that targeted one of ``builds``, or None."""
     cursor = None
     while True:
