@@ -4,6 +4,7 @@ so nothing large goes through the IO manager and the UI tracks what changed."""
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import dagster as dg
@@ -74,31 +75,35 @@ def _upstream(storage: CorpusStorage, asset: str, version: str, shard: str) -> P
     return path
 
 
-@dg.observable_source_asset(
-    partitions_def=midi_shards,
-    description="The source MIDI folder, per shard: a fingerprint of its files' contents.",
-    group_name="corpus",
-)
-def midi_corpus(context, storage: CorpusStorage) -> dg.DataVersionsByPartition:
-    """Per registered shard, the fingerprint of its files as they are now: a changed file marks
-    its own shard's outputs unsynced in the UI, not every shard's. New files wait for the refresh
-    (sensor, schedule or ``make run``) to register their shards."""
-    plan = plan_shards(
-        storage.corpus_path, load_registry(storage.registry_path), storage.shard_size
+# The decorator is beta in Dagster 1.13: its warning would open the output of every run and test.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", dg.BetaWarning)
+
+    @dg.observable_source_asset(
+        partitions_def=midi_shards,
+        description="The source MIDI folder, per shard: a fingerprint of its files' contents.",
+        group_name="corpus",
     )
-    listing = plan.registry
-    context.log.info(
-        f"{storage.corpus_path}: {listing.height} files, {int(listing['size'].sum() or 0):,} "
-        f"bytes, {len(plan.to_process)} shard(s) new or changed"
-    )
-    registered = set(context.instance.get_dynamic_partitions(midi_shards.name))
-    return dg.DataVersionsByPartition(
-        {
-            shard: dg.DataVersion(digest)
-            for shard, digest in shard_fingerprints(listing).items()
-            if shard in registered
-        }
-    )
+    def midi_corpus(context, storage: CorpusStorage) -> dg.DataVersionsByPartition:
+        """Per registered shard, the fingerprint of its files as they are now: a changed file
+        marks its own shard's outputs unsynced in the UI, not every shard's. New files wait for
+        the refresh (sensor, schedule or ``make run``) to register their shards."""
+        plan = plan_shards(
+            storage.corpus_path, load_registry(storage.registry_path), storage.shard_size
+        )
+        listing = plan.registry
+        context.log.info(
+            f"{storage.corpus_path}: {listing.height} files, {int(listing['size'].sum() or 0):,} "
+            f"bytes, {len(plan.to_process)} shard(s) new or changed"
+        )
+        registered = set(context.instance.get_dynamic_partitions(midi_shards.name))
+        return dg.DataVersionsByPartition(
+            {
+                shard: dg.DataVersion(digest)
+                for shard, digest in shard_fingerprints(listing).items()
+                if shard in registered
+            }
+        )
 
 
 @dg.asset(
