@@ -276,7 +276,8 @@ def _markdown(summary: dict) -> str:
         "",
         f"{summary['pieces']} pieces: {summary['prompt_bars']} bars of a held-out piece "
         f"as prompt, {summary['generated_bars']} bars generated; the metrics compare the bars "
-        "after the prompt.",
+        f"after the prompt, of the {summary['compared_pieces']} pieces whose continuation got "
+        "past it.",
         "",
         "| metric | real | generated |",
         "|---|---|---|",
