@@ -1,5 +1,6 @@
 """Atomic output: write beside the target, then rename, so readers never see half a file or a
-folder that mixes two writes."""
+folder that mixes two writes. The data reaches the disk before the rename (fsync), so a power
+loss cannot leave a renamed file or checkpoint with empty contents either."""
 
 from __future__ import annotations
 
@@ -21,6 +22,15 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def _sync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success rename it onto ``path``."""
@@ -31,7 +41,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs should be shareable
     try:
         yield Path(tmp)
+        _sync(Path(tmp))
         os.replace(tmp, path)
+        _sync(path.parent)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -49,6 +61,9 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     aside = tmp.with_name(f"{tmp.name}.old")
     try:
         yield tmp
+        for written in tmp.rglob("*"):
+            _sync(written)
+        _sync(tmp)
         if path.exists():
             os.replace(path, aside)
         try:
@@ -57,6 +72,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
             if aside.exists():
                 os.replace(aside, path)
             raise
+        _sync(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(aside, ignore_errors=True)
