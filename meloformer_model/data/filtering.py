@@ -142,21 +142,12 @@ def _stats(score: ScoreTick) -> dict[str, Any]:
     tpq = score.ticks_per_quarter
     tracks = [t for t in score.tracks if len(t.notes)]
     notes = [t.notes.numpy() for t in tracks]
-    start = (
-        np.concatenate([n["time"] for n in notes]).astype(np.int64)
-        if notes
-        else np.zeros(0, np.int64)
-    )
-    dur = (
-        np.concatenate([n["duration"] for n in notes]).astype(np.int64)
-        if notes
-        else np.zeros(0, np.int64)
-    )
-    pitch = (
-        np.concatenate([n["pitch"] for n in notes]).astype(np.int64)
-        if notes
-        else np.zeros(0, np.int64)
-    )
+
+    def column(name: str) -> np.ndarray:
+        parts = [n[name] for n in notes]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+    start, dur, pitch = column("time"), column("duration"), column("pitch")
     end_tick = int((start + dur).max()) if len(start) else 0
     tempos = score.tempos.numpy()
     ts = score.time_signatures.numpy()
