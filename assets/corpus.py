@@ -41,12 +41,14 @@ from pipelines.resources import CorpusStorage
 LATEST = "LATEST"
 
 
-def _frame_version(frame: pl.DataFrame, columns: list[str]) -> str:
-    """A data version from the columns that identify an output's content."""
+def _frame_version(frame: pl.DataFrame, columns: list[str], stage_version: str) -> str:
+    """A data version from the columns that identify an output's inputs, and the stage's version
+    (its config and code): the same files through changed code make another version, so the UI
+    marks what is downstream of it unsynced."""
     digest = hashlib.blake2b(digest_size=16)
     for row in frame.select(columns).sort("path").iter_rows():
         digest.update(repr(row).encode())
-    return digest.hexdigest()
+    return f"{stage_version}-{digest.hexdigest()}"
 
 
 def _markdown_table(headers: list[str], rows: list[list[object]]) -> str:
@@ -139,7 +141,9 @@ def filtered_midi(
     example = dict(examples.iter_rows())
     return dg.MaterializeResult(
         data_version=dg.DataVersion(
-            _frame_version(table, ["path", "file_hash", "accepted", "reason", "content_hash"])
+            _frame_version(
+                table, ["path", "file_hash", "accepted", "reason", "content_hash"], FILTER_VERSION
+            )
         ),
         metadata={
             "files": table.height,
@@ -190,7 +194,9 @@ def chord_annotations(
     for error in errors:
         context.log.warning(error)
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(_frame_version(table, ["path", "file_hash", "error"])),
+        data_version=dg.DataVersion(
+            _frame_version(table, ["path", "file_hash", "error"], CHORD_VERSION)
+        ),
         metadata={
             "files": table.height,
             "bars": int(len(chords)),
@@ -235,7 +241,9 @@ def hid_tokens(context: dg.AssetExecutionContext, storage: CorpusStorage) -> dg.
     for error in errors:
         context.log.warning(error)
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(_frame_version(result.table, ["path", "file_hash", "error"])),
+        data_version=dg.DataVersion(
+            _frame_version(result.table, ["path", "file_hash", "error"], TOKEN_VERSION)
+        ),
         metadata={
             "files": table.height,
             "tokens": int(lengths.sum()),

@@ -155,6 +155,14 @@ def test_metadata_reports_reasons_lengths_and_paths(pipeline):
     meta = tokens.asset_materialization.metadata
     assert meta["tokens"].value > 0 and "| tokens |" in meta["length_histogram"].value
     assert Path(meta["path"].value).exists()
+    # a shard stage's data version names its code and config too: the same files through
+    # changed tokenizer code are another version, and the UI marks the dataset unsynced
+    from assets.config import CHORD_VERSION, FILTER_VERSION
+
+    for asset, version in (("filtered_midi", FILTER_VERSION), ("chord_annotations", CHORD_VERSION),
+                           ("hid_tokens", TOKEN_VERSION)):  # fmt: skip
+        event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+        assert event.asset_materialization.tags["dagster/data_version"].startswith(f"{version}-")
 
 
 def _variant(src: Path, dest: Path, semitones: int) -> None:
