@@ -114,21 +114,22 @@ def _metadata(result: dict, run_dir: Path, profile: str, config: dict, baseline:
 
     history = result["history"]
     curve = save_loss_curve(history, run_dir / "loss_curve.png", baseline)
-    last_val = [h["val_loss"] for h in history if "val_loss" in h]
-    rows = "\n".join(
-        f"| {h['step']} | {h['loss']:.3f} | {h.get('val_loss', float('nan')):.3f} |"
-        for h in history
-        if "val_loss" in h
-    )
+    evaluated = [h for h in history if "val_loss" in h]
+    rows = "\n".join(f"| {h['step']} | {h['loss']:.3f} | {h['val_loss']:.3f} |" for h in evaluated)
+    # left out when not measured, rather than reported as a figure: no evaluation yet, no known
+    # peak for this device (utilisation 0), no GPU memory counter (CPU: 0)
+    measured = {
+        "val_loss": evaluated[-1]["val_loss"] if evaluated else None,
+        "model_flops_utilisation": result["mfu"] or None,
+        "peak_memory_bytes": result["peak_memory_bytes"] or None,
+    }
     return {
         "profile": profile,
         "steps": history[-1]["step"],
         "train_loss": history[-1]["loss"],
-        "val_loss": last_val[-1] if last_val else float("nan"),
         "unigram_loss": baseline,
         "tokens_per_second": result["tokens_per_second"],
-        "model_flops_utilisation": result["mfu"],
-        "peak_memory_bytes": result["peak_memory_bytes"],
+        **{name: value for name, value in measured.items() if value is not None},
         "wall_seconds": result["wall_seconds"],
         "parameters": result["parameters"],
         "processes": result["processes"],

@@ -195,6 +195,8 @@ def test_training_and_evaluation_on_a_checked_dataset(checked):
         for k, v in result.asset_materializations_for_node("trained_model")[0].metadata.items()
     }
     assert meta["steps"] == 3 and meta["tokens_per_second"] > 0 and meta["processes"] == 1
+    assert 0 < meta["model_flops_utilisation"] < 1 and meta["val_loss"] > 0
+    assert "peak_memory_bytes" not in meta  # no GPU memory counter on a CPU: not a 0
     assert Path(meta["checkpoint"]).joinpath("model.safetensors").exists()
     assert Path(meta["loss_curve"]).stat().st_size > 5000
     assert meta["dataset"].endswith(version)
