@@ -1,6 +1,7 @@
 """Generation under the grammar, and the evaluation report, from a briefly trained checkpoint."""
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -186,6 +187,13 @@ def test_evaluation_report_files_contain_the_figures(checkpoint, prepared, tmp_p
     assert len(ev.samples) == 2 and all(p.exists() for p in ev.samples)
     assert all(p.exists() and p.stat().st_size > 5000 for p in ev.figures)
     assert "pitch" in summary["validation"]["families"]
+    for report in (ev.markdown, ev.html):  # every image and MIDI file it names lies beside it
+        text = report.read_text()
+        linked = set(re.findall(r"\]\(([^)]+)\)", text))  # Markdown
+        linked |= set(re.findall(r'(?:src|href)="([^"]+)"', text))  # HTML
+        assert {p.name for p in ev.figures + ev.samples} <= linked
+        assert len([n for n in linked if n.startswith("real_")]) == 2
+        assert all((tmp_path / name).exists() for name in linked), report
     # the report's validation pass is the trainer's: the same loss for the same checkpoint
     trained = json.loads((checkpoint / "state.json").read_text())["history"][-1]["val_loss"]
     assert summary["validation"]["loss"] == pytest.approx(trained, rel=1e-5)

@@ -189,15 +189,16 @@ def evaluate_checkpoint(
     history = read_state(checkpoint)["history"]
     with atomic_folder(out_dir) as folder:
         figures = [save_loss_curve(history, folder / "loss_curve.png", baseline)]
-        samples = []
+        samples, originals = [], []
         for i, (row, real, generated) in enumerate(zip(rows, real_scores, gen_scores)):
             stem = Path(row["path"]).stem
             samples.append(write_midi(generated, folder / f"generated_{i}_{stem}.mid"))
-            write_midi(real, folder / f"real_{i}_{stem}.mid")
+            originals.append(write_midi(real, folder / f"real_{i}_{stem}.mid"))
             figures.append(save_comparison(real, generated, folder / f"pianoroll_{i}.png"))
+        midi = list(zip(samples, originals))
         (folder / "evaluation.json").write_text(json.dumps(summary, indent=2))
-        (folder / "report.md").write_text(_markdown(summary))
-        (folder / "report.html").write_text(_html(summary, figures, samples))
+        (folder / "report.md").write_text(_markdown(summary, figures, midi))
+        (folder / "report.html").write_text(_html(summary, figures, midi))
     return Evaluation(
         summary,
         out_dir / "report.html",
@@ -258,7 +259,8 @@ def _metric_rows(summary: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
-def _markdown(summary: dict) -> str:
+def _markdown(summary: dict, figures: list[Path], midi: list[tuple[Path, Path]]) -> str:
+    """The report in Markdown, its images and MIDI files linked by name (they lie beside it)."""
     v = summary["validation"]
     lines = [
         "# MeloFormer evaluation",
@@ -289,11 +291,18 @@ def _markdown(summary: dict) -> str:
         f"Pitch-class histogram overlap: {c['pitch_class_overlap']:.3f}; "
         f"similarity error (SE): {se_text(c['similarity_error'])}.",
         "",
+        "## Samples",
+        "",
+        "| piece | generated | real |",
+        "|---|---|---|",
     ]
+    lines += [f"| {i} | [{g.name}]({g.name}) | [{r.name}]({r.name}) |"
+              for i, (g, r) in enumerate(midi)]  # fmt: skip
+    lines += ["", *(f"![{p.stem}]({p.name})" for p in figures), ""]
     return "\n".join(lines)
 
 
-def _html(summary: dict, figures: list[Path], samples: list[Path]) -> str:
+def _html(summary: dict, figures: list[Path], midi: list[tuple[Path, Path]]) -> str:
     v = summary["validation"]
     families = "".join(
         f"<tr><td>{html.escape(f)}</td><td>{x['tokens']}</td><td>{x['perplexity']:.2f}</td></tr>"
@@ -306,14 +315,18 @@ def _html(summary: dict, figures: list[Path], samples: list[Path]) -> str:
         f'<figure><img src="{p.name}" alt="{p.stem}"><figcaption>{p.stem}</figcaption></figure>'
         for p in figures
     )
-    links = "".join(f'<li><a href="{p.name}">{p.name}</a></li>' for p in samples)
+    links = "".join(
+        f'<li><a href="{g.name}">{g.name}</a> (real: <a href="{r.name}">{r.name}</a>)</li>'
+        for g, r in midi
+    )
     c = summary["comparison"]
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>MeloFormer evaluation</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px}}
 img{{max-width:100%}}.big{{font-size:1.4em}}</style>
 </head><body><h1>MeloFormer evaluation</h1>
-<p>Checkpoint <code>{html.escape(summary["checkpoint"])}</code></p>
+<p>Checkpoint <code>{html.escape(summary["checkpoint"])}</code>, dataset
+<code>{html.escape(summary["dataset"])}</code></p>
 <p class="big">Validation perplexity <b>{v["perplexity"]:.2f}</b> ({v["loss"]:.3f} nats/token,
 unigram baseline {summary["unigram_loss"]:.3f})</p>
 <table><tr><th>token family</th><th>tokens</th><th>perplexity</th></tr>{families}</table>
