@@ -13,14 +13,37 @@ from pipelines.resources import PROJECT_DIR, CorpusStorage
 RESULTS_DIR = PROJECT_DIR / "benchmarks" / "results"
 
 
-def _leaves(data: dict, prefix: str = "", depth: int = 0):
-    """Numeric and boolean leaves two levels deep: the figures a benchmark reports."""
+# Sections that describe how a benchmark ran (its configuration, the machine, the load), not
+# what it measured: left out of the figures.
+SETTINGS = frozenset({"machine", "settings", "model_config", "versions", "load", "method"})
+
+
+def _leaves(data: dict, prefix: str = ""):
+    """Every numeric and boolean figure at any depth, lists of records indexed (``results.0``),
+    settings sections left out."""
     for key, value in data.items():
         name = f"{prefix}{key}"
-        if isinstance(value, bool) or isinstance(value, (int, float)):
+        if isinstance(value, (bool, int, float)):
             yield name, value
-        elif isinstance(value, dict) and depth < 2 and key != "machine":
-            yield from _leaves(value, f"{name}.", depth + 1)
+        elif isinstance(value, dict) and key not in SETTINGS:
+            yield from _leaves(value, f"{name}.")
+        elif isinstance(value, list) and key not in SETTINGS:
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    yield from _leaves(item, f"{name}.{i}.")
+
+
+def _goals(data: dict, prefix: str = ""):
+    """(goal, target, value, met, note) for every goal a benchmark states: a section with a
+    ``met`` entry, or a ``*_met`` flag. ``met`` None: not evaluated on this machine."""
+    if "met" in data:
+        value = next((data[k] for k in ("value", "value_causal") if data.get(k) is not None), None)
+        yield prefix.rstrip(".") or "goal", data.get("goal"), value, data["met"], data.get("note")
+    for key, value in data.items():
+        if key.endswith("_met"):
+            yield f"{prefix}{key}", None, None, value, None
+        elif isinstance(value, dict) and key not in SETTINGS:
+            yield from _goals(value, f"{prefix}{key}.")
 
 
 def _machine(data: dict) -> str:
@@ -28,23 +51,67 @@ def _machine(data: dict) -> str:
     accelerator = [data["device_name"]] if data.get("device", "cpu") != "cpu" else []
     machine = data.get("machine") or {}
     if isinstance(machine, dict):
-        host = [
-            f"{v}" for k, v in machine.items() if k in ("cpu", "device", "gpu", "cores_available")
-        ]
+        host = [str(machine[k]) for k in ("cpu", "device", "gpu") if machine.get(k)]
+        cores = machine.get("cores_available")
+        if cores:
+            host.append(f"{cores} core{'s' if cores != 1 else ''}")
     else:
         host = [str(machine)]
     return ", ".join(accelerator + host)
 
 
-def benchmark_rows(results_dir: Path) -> list[tuple[str, str, str, str]]:
-    rows = []
+def _shown(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "**no**"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float) and abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def read_results(results_dir: Path) -> list[tuple[str, dict, str]]:
+    """(benchmark, results, machine) per results file; a file that is not a benchmark's JSON
+    object is refused by name."""
+    results = []
     for path in sorted(results_dir.glob("*.json")):
-        data = json.loads(path.read_text())
-        machine = _machine(data)
-        for name, value in _leaves(data):
-            shown = f"{value:,.4g}" if isinstance(value, float) else str(value)
-            rows.append((path.stem, name, shown, machine))
-    return rows
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not an object")
+            machine = _machine(data)
+        except (OSError, ValueError, KeyError) as exc:
+            raise dg.Failure(
+                f"{path}: not a benchmark result ({type(exc).__name__}: {exc})"
+            ) from exc
+        results.append((path.stem, data, machine))
+    return results
+
+
+def benchmark_rows(results_dir: Path) -> list[tuple[str, str, str, str]]:
+    return [
+        (name, figure, _shown(value), machine)
+        for name, data, machine in read_results(results_dir)
+        for figure, value in _leaves(data)
+    ]
+
+
+def goal_rows(results_dir: Path) -> list[tuple[str, ...]]:
+    return [
+        (
+            name,
+            goal,
+            _shown(target),
+            _shown(value),
+            "not evaluated" if met is None else _shown(met),
+            note or "",
+            machine,
+        )  # fmt: skip
+        for name, data, machine in read_results(results_dir)
+        for goal, target, value, met, note in _goals(data)
+    ]
 
 
 @dg.asset(
@@ -59,9 +126,10 @@ def benchmark_report(storage: CorpusStorage) -> dg.MaterializeResult:
     table = "| benchmark | figure | value | machine |\n|---|---|---|---|\n" + "\n".join(
         f"| {b} | {f} | {v} | {m} |" for b, f, v, m in rows
     )
-    goals = [(b, f, v) for b, f, v, _ in rows if f.endswith("met") or ".met" in f]
-    goal_table = "| benchmark | goal | met |\n|---|---|---|\n" + "\n".join(
-        f"| {b} | {f} | {v} |" for b, f, v in goals
+    goal_table = (
+        "| benchmark | goal | target | value | met | note | machine |\n"
+        + ("|---|---|---|---|---|---|---|\n")
+        + "\n".join("| " + " | ".join(row) + " |" for row in goal_rows(RESULTS_DIR))
     )
     out = storage.root / "benchmark_report" / "report.md"
     write_bytes_atomic(out, f"# Benchmarks\n\n{goal_table}\n\n{table}\n".encode())

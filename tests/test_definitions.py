@@ -3,6 +3,7 @@
 import os
 
 import dagster as dg
+import pytest
 
 from meloformer_model.paths import PROJECT_DIR
 from pipelines.definitions import defs
@@ -77,6 +78,23 @@ def test_benchmark_report_tables_every_result(tmp_path):
     for path in RESULTS_DIR.glob("*.json"):
         assert f"| {path.stem} |" in text
     assert "chain_vs_miditok" in text
+    # figures at any depth, goals with target, value and machine, unevaluated ones said so
+    assert "| generate | results.tiny/threads=2.kv_cache.tokens_per_s |" in text
+    assert "| train | goal_gpu_mfu | 0.35 |  | not evaluated | GPU goal" in text
+    assert "| train-nvidia-h200 | goal_gpu_mfu | 0.35 | 0.3136 | **no** |  | NVIDIA H200" in text
+    assert "model_config." not in text  # how a benchmark ran is not a figure
+    from assets.reports import read_results
+
+    for name, body, reason in (
+        ("truncated", '{"machine": ', "JSONDecodeError"),
+        ("a_list", "[1, 2]", "ValueError: a JSON list, not an object"),
+        ("no_device_name", '{"device": "cuda"}', "KeyError: 'device_name'"),
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / f"{name}.json").write_text(body)
+        with pytest.raises(dg.Failure, match=f"{name}.json: not a benchmark result .{reason}"):
+            read_results(folder)
 
 
 def test_benchmark_report_names_the_gpu_a_result_ran_on():
@@ -84,8 +102,9 @@ def test_benchmark_report_names_the_gpu_a_result_ran_on():
 
     host = {"cpu": "AMD EPYC", "cores_available": 16, "python": "3.12.3"}
     gpu = {"device": "cuda", "device_name": "NVIDIA H200", "machine": host}
-    assert _machine(gpu) == "NVIDIA H200, AMD EPYC, 16"
-    assert _machine({"device": "cpu", "device_name": "AMD EPYC", "machine": host}) == "AMD EPYC, 16"
+    assert _machine(gpu) == "NVIDIA H200, AMD EPYC, 16 cores"
+    cpu = {"device": "cpu", "device_name": "AMD EPYC", "machine": host}
+    assert _machine(cpu) == "AMD EPYC, 16 cores"
 
 
 def test_the_main_job_names_bad_settings_in_one_line(tmp_path):
