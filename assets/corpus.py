@@ -89,7 +89,8 @@ with warnings.catch_warnings():
     def midi_corpus(context, storage: CorpusStorage) -> dg.DataVersionsByPartition:
         """Per registered shard, the fingerprint of its files as they are now: a changed file
         marks its own shard's outputs unsynced in the UI, not every shard's. New files wait for
-        the refresh (sensor, schedule or ``make run``) to register their shards."""
+        the refresh (sensor, schedule or ``make run``), which registers their shards and records
+        this asset's version of them before their first run (``refresh.observe_corpus``)."""
         plan = plan_shards(
             storage.corpus_path, load_registry(storage.registry_path), storage.shard_size
         )

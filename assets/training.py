@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.definitions.data_version import DATA_VERSION_TAG  # Dagster's (pinned)
 
 from assets.config import DATASET_VERSION, TOKENIZER_CONFIG
 from assets.corpus import arrow_dataset, latest_vocabulary_path
@@ -61,7 +62,7 @@ def _materializations_of(instance: dg.DagsterInstance, version: str) -> set[int]
     while True:
         page = instance.fetch_materializations(arrow_dataset.key, limit=HISTORY_PAGE, cursor=cursor)
         for record in page.records:
-            if record.asset_materialization.tags.get("dagster/data_version") == version:
+            if record.asset_materialization.tags.get(DATA_VERSION_TAG) == version:
                 found.add(record.storage_id)
         if not page.has_more:
             return found

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 from dagster import DagsterInstance
+from dagster._core.definitions.data_version import DATA_VERSION_TAG  # Dagster's (pinned)
 
 from assets.config import (
     CHORD_VERSION,
@@ -21,6 +22,7 @@ from assets.corpus import (
     current_shards,
     hid_tokens,
     latest_dataset_path,
+    midi_corpus,
     token_files,
     vocabulary,
 )
@@ -50,6 +52,7 @@ class Refresh:
     to_run: list[str]
     files: int
     run_keys: dict[str, str]
+    fingerprints: dict[str, str]  # shard -> the fingerprint of its files, as registered now
 
 
 def plan_refresh(storage: CorpusStorage, instance: DagsterInstance) -> Refresh:
@@ -75,7 +78,31 @@ def plan_refresh(storage: CorpusStorage, instance: DagsterInstance) -> Refresh:
     to_run = sorted(set(plan.to_process) | set(new) | set(unfinished))
     versions = (FILTER_VERSION, CHORD_VERSION, TOKEN_VERSION)
     keys = {shard: f"{shard}-{shard_digest(plan.registry, shard, versions)}" for shard in to_run}
-    return Refresh(new, to_run, plan.registry.height, keys)
+    return Refresh(new, to_run, plan.registry.height, keys, built)
+
+
+def observe_corpus(instance: DagsterInstance, refresh: Refresh) -> int:
+    """Record ``midi_corpus``'s data version of each shard to run whose files changed since its
+    last observation, before its run: Dagster compares a shard's outputs with the source's
+    version they were built from, so a later change marks exactly that shard unsynced in the UI
+    (without an observation before the first run there is nothing to compare). Once per shard
+    state, however many ticks request it; shards must be registered. Returns how many."""
+    recorded = 0
+    for shard in refresh.to_run:
+        latest = instance.fetch_observations(
+            dg.AssetRecordsFilter(asset_key=midi_corpus.key, asset_partitions=[shard]), limit=1
+        ).records
+        version = latest[0].asset_observation.tags.get(DATA_VERSION_TAG) if latest else None
+        if version != refresh.fingerprints[shard]:
+            instance.report_runless_asset_event(
+                dg.AssetObservation(
+                    midi_corpus.key,
+                    partition=shard,
+                    tags={DATA_VERSION_TAG: refresh.fingerprints[shard]},
+                )
+            )
+            recorded += 1
+    return recorded
 
 
 def current_dataset(storage: CorpusStorage, instance: DagsterInstance) -> Path | None:

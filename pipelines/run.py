@@ -14,7 +14,7 @@ from assets.corpus import latest_dataset_path, latest_vocabulary_path
 from assets.partitions import midi_shards
 from meloformer_model.data.parallel import release_freed_memory
 from pipelines.jobs import dataset_job, shard_job, training_job
-from pipelines.refresh import current_dataset, current_training, plan_refresh
+from pipelines.refresh import current_dataset, current_training, observe_corpus, plan_refresh
 from pipelines.resources import storage_from_env, training_from_env
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
@@ -26,6 +26,7 @@ def run_corpus_pipeline(instance: dg.DagsterInstance) -> bool:
     storage = storage_from_env()
     refresh = plan_refresh(storage, instance)
     instance.add_dynamic_partitions(midi_shards.name, refresh.new_shards)
+    observe_corpus(instance, refresh)
     print(f"corpus {storage.corpus_path}: {refresh.files} files, "
           f"{len(refresh.to_run)} shard(s) to process")  # fmt: skip
     shards = defs.resolve_job_def(shard_job.name)

@@ -7,7 +7,7 @@ from dagster._utils.schedules import is_valid_cron_string  # Dagster's own check
 
 from assets.partitions import midi_shards
 from pipelines.jobs import IN_PROGRESS, PARTITION_TAG, shard_job
-from pipelines.refresh import plan_refresh
+from pipelines.refresh import observe_corpus, plan_refresh
 from pipelines.resources import CorpusStorage
 
 REFRESH_CRON_ENV = "MELOFORMER_REFRESH_CRON"
@@ -36,6 +36,7 @@ def corpus_refresh_schedule(context: dg.ScheduleEvaluationContext, storage: Corp
     refresh = plan_refresh(storage, context.instance)
     if refresh.new_shards:
         context.instance.add_dynamic_partitions(midi_shards.name, refresh.new_shards)
+    observe_corpus(context.instance, refresh)
     # a schedule's run keys only deduplicate within one tick: a shard still queued or running
     # from an earlier tick (or the sensor) is not requested again
     busy = _shards_in_progress(context.instance)

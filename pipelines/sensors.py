@@ -5,7 +5,7 @@ import dagster as dg
 from assets.corpus import arrow_dataset, hid_tokens
 from assets.partitions import midi_shards
 from pipelines.jobs import IN_PROGRESS, dataset_job, shard_job
-from pipelines.refresh import plan_refresh
+from pipelines.refresh import observe_corpus, plan_refresh
 from pipelines.resources import CorpusStorage
 
 
@@ -16,14 +16,14 @@ from pipelines.resources import CorpusStorage
 )
 def midi_corpus_sensor(context: dg.SensorEvaluationContext, storage: CorpusStorage):
     refresh = plan_refresh(storage, context.instance)
+    # registered now, not through the result: the source's observation of a new shard names it,
+    # and has to be recorded before the shard's run reads it
+    if refresh.new_shards:
+        context.instance.add_dynamic_partitions(midi_shards.name, refresh.new_shards)
+    observe_corpus(context.instance, refresh)
     if not refresh.to_run:
         return dg.SkipReason(f"no new or changed files among {refresh.files}")
-    return dg.SensorResult(
-        run_requests=[
-            dg.RunRequest(run_key=refresh.run_keys[s], partition_key=s) for s in refresh.to_run
-        ],
-        dynamic_partitions_requests=[midi_shards.build_add_request(refresh.new_shards)],
-    )
+    return [dg.RunRequest(run_key=refresh.run_keys[s], partition_key=s) for s in refresh.to_run]
 
 
 @dg.run_status_sensor(

@@ -31,7 +31,7 @@ from meloformer_model.data import dataset_checks
 from meloformer_model.data.corrupt import CORRUPT_CASES
 from meloformer_model.data.dataset import MANIFEST, SCHEMA
 from pipelines.jobs import shard_job
-from pipelines.refresh import current_dataset, plan_refresh
+from pipelines.refresh import current_dataset, observe_corpus, plan_refresh
 from pipelines.resources import CorpusStorage
 from pipelines.schedules import corpus_refresh_schedule
 from pipelines.sensors import dataset_after_shards_sensor, midi_corpus_sensor
@@ -448,20 +448,27 @@ def test_sensor_requests_new_shards_then_skips(tmp_path, sample_files):
     storage = small_corpus(tmp_path, sample_files[:5], shard_size=3)
     corpus = Path(storage.corpus_dir)
     instance = dg.DagsterInstance.ephemeral()
+    from assets.corpus import midi_corpus
+
+    def observed() -> list[str]:
+        records = instance.fetch_observations(midi_corpus.key, limit=100).records
+        return sorted(r.partition_key for r in records)
+
     with dg.build_sensor_context(instance=instance, resources={"storage": storage}) as context:
-        result = midi_corpus_sensor(context)
+        requests = midi_corpus_sensor(context)
         keys = ["shard-00000", "shard-00001"]
-        assert [r.partition_key for r in result.run_requests] == keys
-        assert result.dynamic_partitions_requests[0].partition_keys == keys
-        first = {r.run_key for r in result.run_requests}
-        instance.add_dynamic_partitions("midi_shards", keys)
-        # not run yet: requested again under the same run keys, which the daemon skips
-        again = midi_corpus_sensor(context)
-        assert {r.run_key for r in again.run_requests} == first
+        assert [r.partition_key for r in requests] == keys
+        assert sorted(instance.get_dynamic_partitions("midi_shards")) == keys
+        # the source observed per new shard before its run, so later changes show as unsynced
+        assert observed() == keys
+        first = {r.run_key for r in requests}
+        # not run yet: requested again under the same run keys, which the daemon skips, and
+        # not observed again
+        assert {r.run_key for r in midi_corpus_sensor(context)} == first and observed() == keys
         shutil.copy(sample_files[5], corpus / "later.mid")
-        result = midi_corpus_sensor(context)
-        fresh = [r.partition_key for r in result.run_requests if r.run_key not in first]
-        assert fresh == ["shard-00002"]
+        requests = midi_corpus_sensor(context)
+        fresh = [r.partition_key for r in requests if r.run_key not in first]
+        assert fresh == ["shard-00002"] and observed() == [*keys, "shard-00002"]
         for shard in ("shard-00000", "shard-00001", "shard-00002"):
             instance.add_dynamic_partitions("midi_shards", [shard])
             assert dg.materialize(
@@ -487,7 +494,7 @@ def test_a_changed_file_marks_only_its_shard_unsynced(tmp_path, sample_files):
     graph = dg.Definitions(assets=[midi_corpus, *SHARD_ASSETS], resources=resources)
     refresh = plan_refresh(storage, instance)
     instance.add_dynamic_partitions(midi_shards.name, refresh.new_shards)
-    assert observe([midi_corpus], instance=instance, resources=resources).success
+    assert observe_corpus(instance, refresh) == 2  # as make run, the sensor and schedule do
     for shard in refresh.to_run:
         run_shard(storage, instance, shard)
 
@@ -499,7 +506,9 @@ def test_a_changed_file_marks_only_its_shard_unsynced(tmp_path, sample_files):
 
     assert statuses() == {"shard-00000": "FRESH", "shard-00001": "FRESH"}
     shutil.copy(sample_files[6], corpus / sample_files[6].name)
-    observe([midi_corpus], instance=instance, resources=resources)
+    later = plan_refresh(storage, instance)  # a refresh registers and observes the new shard
+    instance.add_dynamic_partitions(midi_shards.name, later.new_shards)
+    assert observe_corpus(instance, later) == 1 and later.new_shards == ["shard-00002"]
     assert statuses() == {"shard-00000": "FRESH", "shard-00001": "FRESH"}
     (corpus / sample_files[4].name).write_bytes(sample_files[7].read_bytes())
     observe([midi_corpus], instance=instance, resources=resources)
