@@ -504,37 +504,30 @@ def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts[:, None], order.to(torch.int32)[:, None]
 
 
-@functools.cache
-def _bits_set(device: torch.device) -> torch.Tensor:
-    """Byte -> how many of its bits are set (torch has no popcount)."""
-    return torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8, device=device)
-
-
 def table_block_mask(
     table: torch.Tensor, first_query: int, n_queries: int, n_keys: int
 ) -> BlockMask:
     """The block mask of the visibility table's rows ``first_query`` on, over its first
-    ``n_keys`` keys, from one pass over the table: visible entries are counted per tile; a tile
-    with all visible is full (no mask_mod), one with some is partial, as ``create_block_mask``
-    classifies them. That function would evaluate the mask_mod over every entry again and sum
-    the tiles in int64 (on CPU, three quarters of the mask building at 4 x 8192 tokens)."""
+    ``n_keys`` keys, from one pass over the table: a tile whose bytes are all 255 is full (no
+    mask_mod), one with any bit set is partial, as ``create_block_mask`` classifies them. That
+    function would evaluate the mask_mod over every entry again and sum the tiles in int64 (on
+    CPU, three quarters of the mask building at 4 x 8192 tokens)."""
 
     def mask_mod(b, h, q_idx, kv_idx):
         byte = table[b, first_query + q_idx, kv_idx // KEYS_PER_BYTE]
         return ((byte >> (kv_idx % KEYS_PER_BYTE)) & 1) != 0
 
     rows = table[:, first_query : first_query + n_queries]
-    seen = _bits_set(table.device)[rows.int()]  # visible keys per byte
     tile_bytes = FLEX_BLOCK // KEYS_PER_BYTE
-    pad_q, pad_k = -n_queries % FLEX_BLOCK, -seen.shape[2] % tile_bytes
+    pad_q, pad_k = -n_queries % FLEX_BLOCK, -rows.shape[2] % tile_bytes
     if pad_q or pad_k:  # edge tiles are never full, as in create_block_mask
-        seen = F.pad(seen, (0, pad_k, 0, pad_q))
-    q_tiles, k_tiles = seen.shape[1] // FLEX_BLOCK, seen.shape[2] // tile_bytes
-    tiles = seen.view(table.shape[0], q_tiles, FLEX_BLOCK, k_tiles, tile_bytes)
-    counts = tiles.sum(4, dtype=torch.int16).sum(2, dtype=torch.int16)
-    full = counts == FLEX_BLOCK * FLEX_BLOCK
+        rows = F.pad(rows, (0, pad_k, 0, pad_q))
+    q_tiles, k_tiles = rows.shape[1] // FLEX_BLOCK, rows.shape[2] // tile_bytes
+    tiles = rows.view(table.shape[0], q_tiles, FLEX_BLOCK, k_tiles, tile_bytes)
+    full = tiles.amin((2, 4)) == 255  # every bit set
+    partial = (tiles.amax((2, 4)) > 0) & ~full
     return BlockMask.from_kv_blocks(
-        *_ordered((counts > 0) & ~full),
+        *_ordered(partial),
         *_ordered(full),
         BLOCK_SIZE=FLEX_BLOCK,
         mask_mod=mask_mod,
