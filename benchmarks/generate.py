@@ -108,7 +108,7 @@ def pick_sequence(split, length: int) -> dict:
 def kv_cache_pass(model, arrays, stride: int) -> dict:
     ids = arrays["ids"][0].tolist()
     side = [arrays[name][0].tolist() for name in SIDE]
-    decoder = IncrementalDecoder(model)
+    decoder = IncrementalDecoder(model, capacity=len(ids))  # allocated once, as generation does
     logits, marks = {}, []
     keep = set(range(stride - 1, len(ids), stride)) | {0, 7, 15, 31}
     with LoadMeter() as meter:

@@ -93,6 +93,7 @@ from meloformer_model.training.trainer import (  # noqa: E402
     PROFILES,
     adamw,
     forward_loss,
+    peak_flops,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,11 +185,7 @@ def cpu_matmul_peak(sizes=(2048, 4096), repeats=(5, 3), dtype=torch.float32) -> 
 
 
 def gpu_peak(device: torch.device) -> tuple[float, str]:
-    name = torch.cuda.get_device_name(device)
-    for key, value in GPU_PEAK[torch.bfloat16].items():
-        if key in name:
-            return value, name
-    return 0.0, name
+    return peak_flops(device, torch.bfloat16), torch.cuda.get_device_name(device)
 
 
 # --------------------------------------------------------------------------------- counting
