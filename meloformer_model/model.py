@@ -823,8 +823,8 @@ class _Growing:
         self.length += n
         return self.view()
 
-    def view(self) -> torch.Tensor | None:
-        return None if self.data is None else self.data.narrow(self.dim, 0, self.length)
+    def view(self) -> torch.Tensor:
+        return self.data.narrow(self.dim, 0, self.length)
 
 
 def _decode_attend(q: torch.Tensor, keys: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
@@ -900,20 +900,17 @@ class IncrementalDecoder:
             for bar, pos in zip(bars, self.pos)
         ])  # fmt: skip
         query = _stream(new)
-        shared = self.attrs.view()
-        to_regular = (
-            None
-            if shared is None
-            else self._mask(query, shared) & ~_stream(shared).summary[:, None]
-        )
+        shared = self.attrs.view()  # a summary follows its bar's tokens: never empty here
+        to_regular = self._mask(query, shared) & ~_stream(shared).summary[:, None]
         to_summaries = self._mask(query, self.summary_attrs.append(new))
         rot = self._rotation(query)
         h = model.summary_embed.expand(len(bars), 1, -1)
         for i, block in enumerate(model.blocks):
             q, k, v = block.qkv(block.norm_attn(h), rot)
-            keys = [(self.summary_k[i].append(k), self.summary_v[i].append(v), to_summaries)]
-            if to_regular is not None:
-                keys.append((self.k[i].view(), self.v[i].view(), to_regular))
+            keys = [
+                (self.summary_k[i].append(k), self.summary_v[i].append(v), to_summaries),
+                (self.k[i].view(), self.v[i].view(), to_regular),
+            ]
             h = h + block.wo(block._merge(_decode_attend(q, keys)))
             k2, v2 = block.second_stage(h, rot)
             self.k[i].append(k2)

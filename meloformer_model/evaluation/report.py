@@ -122,6 +122,7 @@ def evaluate_checkpoint(
     ``log`` hears each stage, and the validation pass at least every ``PROGRESS_EVERY_S``."""
     started = time.monotonic()
     model, configs = load_model(checkpoint, device_for(device))
+    history = read_state(checkpoint)["history"]  # read before the long passes: it may be broken
     _require_one_tokenizer(checkpoint, configs, dataset_path, vocab)
     tokenizer = HIDTokenizer(tokenizer_config(configs))
     data = datasets.load_from_disk(str(dataset_path))
@@ -186,7 +187,6 @@ def evaluate_checkpoint(
         "generated_bars": bars,
     }
     log(f"writing the report to {out_dir} ({time.monotonic() - started:.0f} s so far)")
-    history = read_state(checkpoint)["history"]
     with atomic_folder(out_dir) as folder:
         figures = [save_loss_curve(history, folder / "loss_curve.png", baseline)]
         samples, originals = [], []
