@@ -90,15 +90,18 @@ def read_results(results_dir: Path) -> list[tuple[str, dict, str]]:
     return results
 
 
-def benchmark_rows(results_dir: Path) -> list[tuple[str, str, str, str]]:
+Results = list[tuple[str, dict, str]]  # (benchmark, its JSON, machine), as read_results gives
+
+
+def benchmark_rows(results: Results) -> list[tuple[str, str, str, str]]:
     return [
         (name, figure, _shown(value), machine)
-        for name, data, machine in read_results(results_dir)
+        for name, data, machine in results
         for figure, value in _leaves(data)
     ]
 
 
-def goal_rows(results_dir: Path) -> list[tuple[str, ...]]:
+def goal_rows(results: Results) -> list[tuple[str, ...]]:
     return [
         (
             name,
@@ -109,7 +112,7 @@ def goal_rows(results_dir: Path) -> list[tuple[str, ...]]:
             note or "",
             machine,
         )  # fmt: skip
-        for name, data, machine in read_results(results_dir)
+        for name, data, machine in results
         for goal, target, value, met, note in _goals(data)
     ]
 
@@ -120,7 +123,8 @@ def goal_rows(results_dir: Path) -> list[tuple[str, ...]]:
     description="All benchmark results (benchmarks/results/*.json) as one table with machines.",
 )
 def benchmark_report(storage: CorpusStorage) -> dg.MaterializeResult:
-    rows = benchmark_rows(RESULTS_DIR)
+    results = read_results(RESULTS_DIR)
+    rows = benchmark_rows(results)
     if not rows:
         raise dg.Failure(f"no benchmark results in {RESULTS_DIR}: run `make bench` first")
     table = "| benchmark | figure | value | machine |\n|---|---|---|---|\n" + "\n".join(
@@ -129,7 +133,7 @@ def benchmark_report(storage: CorpusStorage) -> dg.MaterializeResult:
     goal_table = (
         "| benchmark | goal | target | value | met | note | machine |\n"
         + ("|---|---|---|---|---|---|---|\n")
-        + "\n".join("| " + " | ".join(row) + " |" for row in goal_rows(RESULTS_DIR))
+        + "\n".join("| " + " | ".join(row) + " |" for row in goal_rows(results))
     )
     out = storage.root / "benchmark_report" / "report.md"
     write_bytes_atomic(out, f"# Benchmarks\n\n{goal_table}\n\n{table}\n".encode())
