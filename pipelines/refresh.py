@@ -2,11 +2,12 @@
 whether the dataset built last is still the one the shards make, and whether its training run
 and evaluation report are still current."""
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
-from dagster import DagsterInstance
+from dagster import DagsterEventType, DagsterInstance
 from dagster._core.definitions.data_version import DATA_VERSION_TAG  # Dagster's (pinned)
 
 from assets.config import (
@@ -39,7 +40,6 @@ from meloformer_model.data.shards import (
     load_registry,
     plan_shards,
     save_registry,
-    shard_digest,
     shard_fingerprints,
 )
 from meloformer_model.data.stages import built_from
@@ -77,8 +77,12 @@ def plan_refresh(storage: CorpusStorage, instance: DagsterInstance) -> Refresh:
     unfinished = [s for s, path in tokens.items() if built_from(path) != built[s]]
     to_run = sorted(set(plan.to_process) | set(new) | set(unfinished))
     versions = (FILTER_VERSION, CHORD_VERSION, TOKEN_VERSION)
-    keys = {shard: f"{shard}-{shard_digest(plan.registry, shard, versions)}" for shard in to_run}
+    keys = {shard: f"{shard}-{_digest((built[shard], versions))}" for shard in to_run}
     return Refresh(new, to_run, plan.registry.height, keys, built)
+
+
+def _digest(value) -> str:
+    return hashlib.blake2b(repr(value).encode(), digest_size=8).hexdigest()
 
 
 def observe_corpus(instance: DagsterInstance, refresh: Refresh) -> int:
@@ -87,13 +91,14 @@ def observe_corpus(instance: DagsterInstance, refresh: Refresh) -> int:
     version they were built from, so a later change marks exactly that shard unsynced in the UI
     (without an observation before the first run there is nothing to compare). Once per shard
     state, however many ticks request it; shards must be registered. Returns how many."""
+    if not refresh.to_run:
+        return 0
+    latest = instance.event_log_storage.get_latest_tags_by_partition(  # one query for all
+        midi_corpus.key, DagsterEventType.ASSET_OBSERVATION, [DATA_VERSION_TAG], refresh.to_run
+    )
     recorded = 0
     for shard in refresh.to_run:
-        latest = instance.fetch_observations(
-            dg.AssetRecordsFilter(asset_key=midi_corpus.key, asset_partitions=[shard]), limit=1
-        ).records
-        version = latest[0].asset_observation.tags.get(DATA_VERSION_TAG) if latest else None
-        if version != refresh.fingerprints[shard]:
+        if latest.get(shard, {}).get(DATA_VERSION_TAG) != refresh.fingerprints[shard]:
             instance.report_runless_asset_event(
                 dg.AssetObservation(
                     midi_corpus.key,

@@ -98,12 +98,6 @@ def load_registry(path: Path) -> pl.DataFrame:
     return pl.DataFrame(schema=REGISTRY_SCHEMA)
 
 
-def shard_digest(registry: pl.DataFrame, shard: str, versions: tuple[str, ...] = ()) -> str:
-    """A short digest of a shard's files (paths and content hashes) and the given versions."""
-    rows = shard_files(registry, shard).rows()
-    return hashlib.blake2b(repr((rows, versions)).encode(), digest_size=8).hexdigest()
-
-
 def plan_shards(
     corpus_dir: Path, registry: pl.DataFrame, shard_size: int = DEFAULT_SHARD_SIZE
 ) -> ShardPlan:
