@@ -20,8 +20,8 @@ from dagster._core.definitions.data_version import DATA_VERSION_TAG  # Dagster's
 from assets.config import DATASET_VERSION, TOKENIZER_CONFIG
 from assets.corpus import arrow_dataset, latest_vocabulary_path
 from assets.partitions import dataset_versions
-from meloformer_model.data.dataset import MANIFEST
 from meloformer_model.data.dataset_checks import CHECK_NAMES
+from meloformer_model.data.manifest import built_with
 from meloformer_model.tokenizer.vocab import Vocabulary
 from pipelines.resources import CorpusStorage, TrainingSettings
 
@@ -91,7 +91,7 @@ def _newest_evaluation(
 def require_same_tokenizer(data: Path, vocab: Vocabulary) -> None:
     """A dataset version built under another tokenizer config (its folder outlives a config
     change) has ids that mean other tokens in the current vocabulary: refuse to train on it."""
-    built = json.loads((data / MANIFEST).read_text())["settings"]["vocab_hash"]
+    built = built_with(data)
     if built != vocab.config_hash():
         raise dg.Failure(
             f"dataset {data} was built with tokenizer {built}, the current vocabulary is "

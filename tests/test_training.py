@@ -283,6 +283,20 @@ def test_an_unreadable_run_summary_is_named(prepared, tmp_path):
     assert again.tokens_per_second == pytest.approx(finished.tokens_per_second)
 
 
+def test_a_dataset_of_another_tokenizer_is_refused_before_training(prepared, tmp_path):
+    """``meloformer train`` (no Dagster gate in front) on a dataset built under another
+    tokenizer: its ids would mean other tokens. Refused by name; nothing written."""
+    from meloformer_model.data.manifest import MANIFEST
+
+    dataset = shutil.copytree(prepared.dataset.path, tmp_path / "dataset")
+    manifest = json.loads((dataset / MANIFEST).read_text())
+    manifest["settings"]["vocab_hash"] = "0123456789abcdef"
+    (dataset / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="built with tokenizer 0123456789abcdef, the vocabulary"):
+        train(dataset, prepared.vocab, tmp_path / "run", FAST, log=lambda _: None)
+    assert not _written(tmp_path / "run")
+
+
 def test_a_dataset_the_run_cannot_step_through_is_refused(
     prepared, dataset_without_valid, tmp_path
 ):

@@ -21,9 +21,9 @@ import polars as pl
 import pyarrow as pa
 
 from meloformer_model.atomic import atomic_folder, write_bytes_atomic
+from meloformer_model.data.manifest import MANIFEST
 
 SPLITS = ("train", "valid", "test")
-MANIFEST = "meloformer_dataset.json"
 DATASET_FORMAT_VERSION = 1
 SCHEMA = pa.schema(
     [("path", pa.string()), ("content_hash", pa.string()), ("length", pa.int32()),

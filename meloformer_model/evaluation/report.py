@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from meloformer_model.atomic import atomic_folder
-from meloformer_model.data.dataset import MANIFEST
+from meloformer_model.data.manifest import built_with
 from meloformer_model.data.midi_io import write_midi
 from meloformer_model.evaluation import metrics
 from meloformer_model.evaluation.metrics import similarity_error_text as se_text
@@ -239,10 +239,7 @@ def _require_one_tokenizer(
     """The checkpoint, the dataset and the vocabulary must share one tokenizer: under another,
     every id names another token and the figures would be nonsense, not an error."""
     trained = configs.get("vocab_hash")  # absent in checkpoints from before run keys
-    manifest = Path(dataset_path) / MANIFEST
-    built = (
-        json.loads(manifest.read_text())["settings"]["vocab_hash"] if manifest.exists() else None
-    )
+    built = built_with(dataset_path)
     for what, found in (("the vocabulary given", vocab.config_hash()), (str(dataset_path), built)):
         if trained and found and found != trained:
             raise ValueError(

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from meloformer_model.atomic import write_bytes_atomic
+from meloformer_model.data.manifest import built_with
 from meloformer_model.model import (
     MODEL_SIZES,
     MeloFormer,
@@ -411,6 +412,12 @@ def _train(
         "vocab_hash": vocab.config_hash(),
         "packing": PACKING,
     }
+    built = built_with(dataset_path)
+    if built and built != run["vocab_hash"]:
+        raise ValueError(
+            f"{dataset_path} was built with tokenizer {built}, the vocabulary given is "
+            f"{run['vocab_hash']}: its token ids mean other tokens"
+        )
     existing = checkpoints(out_dir)
     if existing:
         _require_same_run(out_dir, existing[-1], config, run)
