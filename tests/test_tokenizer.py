@@ -162,7 +162,7 @@ def test_token_order_is_bar_major_with_instrument_priority_and_sorted_onsets():
         "Bar",
         "TimeSig_4/4",
         "Pos_0",
-        f"Tempo_{CFG.tempo_values()[tempo_bin_of(120)]:.1f}",
+        "Tempo_120.0",
         "Chord_C:maj",
         "#D",
         "Pos_0",
@@ -202,7 +202,7 @@ def test_side_information_exact_values():
             seq.onset_group.tolist(),
         )
     )
-    tempo = f"Tempo_{CFG.tempo_values()[tempo_bin_of(120)]:.1f}"
+    tempo = "Tempo_120.0"
     assert got == [
         ("BOS", 0, 129, 0, -1),
         ("Bar", 0, 129, 0, -1),
@@ -314,6 +314,20 @@ def test_tempo_changes_keep_their_time():
     out = TOK.decode_score(TOK.encode(score).ids)
     assert decoded_tempos(out) == expected_tempos(score)
     assert [t for t, _ in decoded_tempos(out)] == [0, 30, 2 * 48 + 12]
+
+
+def test_common_tempi_come_back_exactly():
+    """The MIDI default (120) and its octaves decode to the tempo they were written at (the
+    range's own log spacing gave 123 for 120); other round tempi come back within 0.3 %."""
+    exact, near = (60.0, 120.0, 240.0), (80.0, 90.0, 160.0, 180.0)
+    tempos = tuple((1920 * i, qpm) for i, qpm in enumerate(exact + near))
+    notes = [(i * 480, 480, 60 + i % 12, 80) for i in range(4 * len(tempos))]
+    out = TOK.decode_score(TOK.encode(make_score([(0, False, notes)], tempos=tempos)).ids)
+    decoded = [t.qpm for t in out.tempos]
+    assert decoded[:3] == list(exact)
+    assert np.allclose(decoded[3:], near, rtol=3e-3)
+    values = CFG.tempo_values()
+    assert len(values) == 32 and 40 <= values[0] < values[-1] <= 250
 
 
 def test_a_tempo_change_under_the_last_notes_stays():

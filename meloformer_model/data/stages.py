@@ -35,7 +35,7 @@ from meloformer_model.tokenizer.config import TokenizerConfig
 # Bump when a stage's code changes what it outputs: old outputs then stop being reused.
 FILTER_STAGE_VERSION = 2
 CHORD_STAGE_VERSION = 2
-TOKEN_STAGE_VERSION = 2
+TOKEN_STAGE_VERSION = 3
 
 KEY = ["path", "file_hash"]
 SOURCE = "meloformer.source"  # a stage output's metadata: ``fingerprint`` of the shard's files

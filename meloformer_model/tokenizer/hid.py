@@ -125,11 +125,10 @@ class HIDTokenizer:
         return np.where(units - values[lo] <= values[hi] - units, lo, hi)
 
     def tempo_bin(self, bpm: np.ndarray) -> np.ndarray:
-        """Nearest log-spaced tempo bin."""
-        cfg = self.config
-        span = np.log(cfg.tempo_max_bpm) - np.log(cfg.tempo_min_bpm)
-        pos = (np.log(np.asarray(bpm, dtype=np.float64)) - np.log(cfg.tempo_min_bpm)) / span
-        return np.clip(np.rint(pos * (cfg.tempo_bins - 1)), 0, cfg.tempo_bins - 1).astype(np.int64)
+        """Nearest tempo bin on a log scale; tempi beyond the ends take the end bins."""
+        bounds = np.log(self._tempi)
+        bounds = (bounds[1:] + bounds[:-1]) / 2
+        return np.searchsorted(bounds, np.log(np.asarray(bpm, dtype=np.float64))).astype(np.int64)
 
     def velocity_bin(self, velocity: np.ndarray) -> np.ndarray:
         return np.asarray(velocity, dtype=np.int64) * self.config.velocity_bins // 128
