@@ -34,8 +34,9 @@ class CountingDDP(torch.nn.parallel.DistributedDataParallel):
 torch.nn.parallel.DistributedDataParallel = CountingDDP
 trainer.peak_flops = lambda device, dtype: 1e12  # a known per-process peak for the MFU check
 setup_distributed()
-config = replace(PROFILES["cpu"], seq_len=128, batch_size=2, grad_accum=2, max_steps=3,
-                 eval_every=3, checkpoint_every=3, warmup_steps=1)  # fmt: skip
+config = replace(PROFILES["cpu"], seq_len=int(sys.argv[4]), batch_size=int(sys.argv[5]),
+                 grad_accum=int(sys.argv[6]), max_steps=3, eval_every=3, checkpoint_every=3,
+                 warmup_steps=1)  # fmt: skip
 out = Path(sys.argv[3])
 result = train(Path(sys.argv[1]), Vocabulary.load(sys.argv[2]), out / "run", config,
                log=lambda _: None)  # fmt: skip
@@ -48,6 +49,7 @@ digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in result.mo
             "weights": digest.hexdigest(),
             "step": result.history[-1]["step"],
             "loss": result.history[-1]["loss"],
+            "step_tokens": [record["tokens"] for record in result.history],
             "allreduce_rounds": CountingDDP.rounds,
             "mfu": result.mfu,
             "tokens_per_second": result.tokens_per_second,

@@ -526,6 +526,19 @@ def test_tiny_model_beats_the_unigram_baseline(prepared, tmp_path):
 
 
 def test_ddp_two_processes_agree_on_weights(prepared, tmp_path):
+    """At 2048 tokens a row some packed rows carry padding, so the two processes' batches hold
+    different numbers of real tokens, and a step's count must add both."""
+    import datasets
+
+    seq_len, batch_size, grad_accum, steps = 2048, 1, 2, 3
+    data = datasets.load_from_disk(str(prepared.dataset.path))["train"]
+    real = []
+    for rank in (0, 1):
+        loader = PackedLoader(data, batch_size, seq_len, PROFILES["cpu"].seed, rank=rank, world=2)
+        plan = loader.plan(0)[: grad_accum * steps]
+        real.append([int((loader.make(batch).doc >= 0).sum()) for batch in plan])
+    per_step = np.add(*real).reshape(steps, grad_accum).sum(1).tolist()
+    assert len(set(np.subtract(*real).tolist())) > 1, "the ranks' batches should differ in tokens"
     script = tmp_path / "ddp.py"
     script.write_text((Path(__file__).parent / "ddp_worker.py").read_text())
     env = {
@@ -535,19 +548,21 @@ def test_ddp_two_processes_agree_on_weights(prepared, tmp_path):
     }
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), str(prepared.dataset.path), str(prepared.vocab_path), str(tmp_path)],
+         str(script), str(prepared.dataset.path), str(prepared.vocab_path), str(tmp_path),
+         str(seq_len), str(batch_size), str(grad_accum)],
         capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     digests = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert digests[0]["weights"] == digests[1]["weights"]
-    assert digests[0]["step"] == digests[1]["step"] == 3
+    assert digests[0]["step"] == digests[1]["step"] == steps
+    assert digests[0]["step_tokens"] == digests[1]["step_tokens"] == per_step
     assert digests[0]["loss"] == digests[1]["loss"]  # the step loss over both processes' tokens
     # 2 micro-batches a step, gradients all-reduced once a step (DDP's no_sync for the first)
     assert digests[0]["allreduce_rounds"] == digests[1]["allreduce_rounds"] == 3
     # utilisation: both processes' tokens against both processes' peaks (1e12 each, patched)
     tiny = MODEL_SIZES["tiny"]
-    per_token = 6 * digests[0]["parameters"] + 6 * tiny["n_layer"] * tiny["n_embd"] * 128
+    per_token = 6 * digests[0]["parameters"] + 6 * tiny["n_layer"] * tiny["n_embd"] * seq_len
     expected = digests[0]["tokens_per_second"] * per_token / (2 * 1e12)
     assert digests[0]["mfu"] == pytest.approx(expected, rel=1e-9)
     assert np.isfinite(digests[0]["loss"])
