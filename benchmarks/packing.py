@@ -4,7 +4,7 @@ Every padding token in a training row is computed and thrown away: the tokens/s 
 model-FLOPs utilisation of ``train.py`` count only real tokens, so the padding share of an
 epoch's rows comes straight off both. Reference, in the same run: the same shuffled windows
 packed in order, a row closed as soon as the next window does not fit (the loader's packing
-before best fit). Ours: ``training.data.pack`` (best fit over ``OPEN_ROWS`` open rows).
+before best fit). Ours: ``training.packing.pack`` (best fit over ``OPEN_ROWS`` open rows).
 
 Per row length: rows per epoch, padding share, the real tokens a row carries (ours over the
 reference: the tokens/s a training step of fixed shape gains) and the time to plan the epoch.
@@ -29,7 +29,7 @@ import datasets  # noqa: E402
 from common import machine, print_table, write_result  # noqa: E402
 
 from meloformer_model.paths import SAMPLE_CORPUS_DIR  # noqa: E402
-from meloformer_model.training.data import PACKING, pack, windows  # noqa: E402
+from meloformer_model.training.packing import PACKING, pack, windows  # noqa: E402
 
 DATA_ROOT = Path(__file__).resolve().parent.parent / "build" / "bench_data"
 LAKH_DOCUMENTS = 176_581

@@ -27,7 +27,8 @@ import torch  # noqa: E402
 from common import dynamo_stats, machine, print_table, write_result  # noqa: E402
 
 from meloformer_model.tokenizer.vocab import Vocabulary  # noqa: E402
-from meloformer_model.training.trainer import PROFILES, train  # noqa: E402
+from meloformer_model.training.config import PROFILES  # noqa: E402
+from meloformer_model.training.trainer import train  # noqa: E402
 
 
 def main() -> None:

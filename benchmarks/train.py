@@ -87,10 +87,10 @@ from meloformer_model.model import (  # noqa: E402
 )
 from meloformer_model.paths import SAMPLE_CORPUS_DIR  # noqa: E402
 from meloformer_model.tokenizer.vocab import Vocabulary  # noqa: E402
+from meloformer_model.training.config import PROFILES  # noqa: E402
 from meloformer_model.training.data import PackedLoader  # noqa: E402
 from meloformer_model.training.trainer import (  # noqa: E402
     GPU_PEAK,
-    PROFILES,
     adamw,
     forward_loss,
     peak_flops,

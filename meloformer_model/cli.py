@@ -293,7 +293,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from meloformer_model.training.trainer import profile_config, setup_distributed, train
+    from meloformer_model.training.config import profile_config
+    from meloformer_model.training.trainer import setup_distributed, train
 
     bf16 = None if args.bf16 is None else bool(args.bf16)
     try:

@@ -2,7 +2,6 @@
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import dagster as dg
 import pydantic
@@ -12,9 +11,7 @@ from meloformer_model.data.parallel import available_cores
 from meloformer_model.data.shards import DEFAULT_SHARD_SIZE
 from meloformer_model.paths import PROJECT_DIR, SAMPLE_CORPUS_DIR
 from meloformer_model.sampling import EVAL_BARS, EVAL_PIECES
-
-if TYPE_CHECKING:
-    from meloformer_model.training.trainer import TrainConfig
+from meloformer_model.training.config import TrainConfig, profile_config
 
 DEFAULT_DAGSTER_HOME = PROJECT_DIR / "dagster_home"
 INSTANCE_CONFIG = PROJECT_DIR / "pipelines" / "dagster.yaml"  # copied into DAGSTER_HOME
@@ -77,9 +74,22 @@ class TrainingSettings(dg.ConfigurableResource):
     )
     eval_bars: int = Field(default=EVAL_BARS, ge=1, description="bars generated per piece")
 
-    def config(self) -> "TrainConfig":
-        from meloformer_model.training.trainer import profile_config  # torch: only when training
+    @pydantic.field_validator("profile")
+    @classmethod
+    def _known_profile(cls, profile: str) -> str:
+        """Refused when the resource is built (definitions load, run start), not when training
+        starts after the upstream assets ran."""
+        profile_config(profile)
+        return profile
 
+    @pydantic.field_validator("size")
+    @classmethod
+    def _known_size(cls, size: str) -> str:
+        if size:
+            TrainConfig(size=size)
+        return size
+
+    def config(self) -> TrainConfig:
         return profile_config(self.profile, self.size, max_steps=self.max_steps or None)
 
 
@@ -107,5 +117,7 @@ def training_from_env() -> TrainingSettings:
         problems = []
         for error in exc.errors():
             name = variables[str(error["loc"][0])]
-            problems.append(f"{name}={os.environ.get(name, '')!r}: {error['msg'].lower()}")
+            raised = error.get("ctx", {}).get("error")  # a validator's own message, unprefixed
+            reason = str(raised) if raised else error["msg"].lower()
+            problems.append(f"{name}={os.environ.get(name, '')!r}: {reason}")
         raise ValueError("; ".join(problems)) from None

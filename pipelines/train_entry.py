@@ -12,7 +12,8 @@ import torch.distributed as dist
 from dagster_pipes import open_dagster_pipes
 
 from meloformer_model.tokenizer.vocab import Vocabulary
-from meloformer_model.training.trainer import TrainConfig, setup_distributed, train
+from meloformer_model.training.config import TrainConfig
+from meloformer_model.training.trainer import setup_distributed, train
 
 
 def main() -> None:

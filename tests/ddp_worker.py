@@ -12,7 +12,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from meloformer_model.tokenizer.vocab import Vocabulary
 from meloformer_model.training import trainer
-from meloformer_model.training.trainer import PROFILES, setup_distributed, train
+from meloformer_model.training.config import PROFILES
+from meloformer_model.training.trainer import setup_distributed, train
 
 
 class CountingDDP(torch.nn.parallel.DistributedDataParallel):

@@ -25,7 +25,8 @@ from meloformer_model.generation import (
 from meloformer_model.sampling import TOKENS_TO_END
 from meloformer_model.tokenizer.hid import HIDTokenizer
 from meloformer_model.training.checkpoint import load_model, tokenizer_config
-from meloformer_model.training.trainer import PROFILES, train
+from meloformer_model.training.config import PROFILES
+from meloformer_model.training.trainer import train
 
 TOK = HIDTokenizer()
 

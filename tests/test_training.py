@@ -16,12 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 from meloformer_model.model import (
-    MODEL_SIZES,
     MeloFormer,
     model_config,
     regular_stream,
     summary_stream,
 )
+from meloformer_model.model_sizes import MODEL_SIZES
+from meloformer_model.training import config as training_config
 from meloformer_model.training import trainer
 from meloformer_model.training.checkpoint import (
     CheckpointError,
@@ -31,11 +32,11 @@ from meloformer_model.training.checkpoint import (
     read_state,
     tokenizer_config,
 )
-from meloformer_model.training.data import IGNORE, PackedLoader, pack, windows
+from meloformer_model.training.config import PROFILES, TrainConfig
+from meloformer_model.training.data import IGNORE, PackedLoader
+from meloformer_model.training.packing import pack, windows
 from meloformer_model.training.trainer import (
-    PROFILES,
     SUMMARY,
-    TrainConfig,
     completed_run,
     device_for,
     lr_at,
@@ -509,7 +510,7 @@ def test_bf16_autocast_trains_on_cpu(prepared, tmp_path):
 def test_another_packing_is_another_run(monkeypatch):
     """The packing decides every batch: a run packed otherwise may not be continued."""
     key = FAST.run_key()
-    monkeypatch.setattr(trainer, "PACKING", "in-order")
+    monkeypatch.setattr(training_config, "PACKING", "in-order")
     assert FAST.run_key() != key
 
 

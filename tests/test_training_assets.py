@@ -32,11 +32,18 @@ from assets.training import (
 )
 from meloformer_model.data.dataset import MANIFEST
 from meloformer_model.tokenizer.vocab import Vocabulary
+from meloformer_model.training import config as training_config
 from meloformer_model.training import trainer
 from pipelines import refresh
 from pipelines.definitions import defs
 from pipelines.refresh import current_training, plan_refresh
-from pipelines.resources import STEPS_ENV, CorpusStorage, TrainingSettings, training_from_env
+from pipelines.resources import (
+    PROFILE_ENV,
+    STEPS_ENV,
+    CorpusStorage,
+    TrainingSettings,
+    training_from_env,
+)
 
 CHECKS = dg.load_asset_checks_from_modules([checks])
 
@@ -165,9 +172,9 @@ def test_training_settings_pick_profile_size_and_steps():
     )
     assert small.run_key() != replace(large, max_steps=10).run_key()
     with pytest.raises(ValueError, match=r"unknown model size 'medium': \['tiny', 'small'"):
-        TrainingSettings(size="medium").config()
+        TrainingSettings(size="medium")
     with pytest.raises(ValueError, match="unknown training profile 'a100'"):
-        TrainingSettings(profile="a100").config()
+        TrainingSettings(profile="a100")
 
 
 def test_bad_resource_settings_are_refused_by_name(monkeypatch):
@@ -183,6 +190,10 @@ def test_bad_resource_settings_are_refused_by_name(monkeypatch):
         training_from_env()
     monkeypatch.setenv(STEPS_ENV, "12")
     assert training_from_env().max_steps == 12
+    monkeypatch.setenv(PROFILE_ENV, "h200")
+    named = r"^MELOFORMER_TRAIN_PROFILE='h200': unknown training profile 'h200': \["
+    with pytest.raises(ValueError, match=named):
+        training_from_env()
 
 
 def test_training_and_evaluation_on_a_checked_dataset(checked):
@@ -246,8 +257,10 @@ def test_a_reused_run_reports_the_config_it_trained_with(checked, monkeypatch):
     settings = TrainingSettings(max_steps=2)
     shutil.rmtree(storage.root / "trained_model", ignore_errors=True)
     first = _metadata(_train(storage, instance, version, settings))
-    cpu = trainer.PROFILES["cpu"]
-    monkeypatch.setitem(trainer.PROFILES, "cpu", replace(cpu, eval_every=cpu.eval_every + 1))
+    cpu = training_config.PROFILES["cpu"]
+    monkeypatch.setitem(
+        training_config.PROFILES, "cpu", replace(cpu, eval_every=cpu.eval_every + 1)
+    )
     again = _metadata(_train(storage, instance, version, settings))
     assert again["reused_completed_run"] and again["checkpoint"] == first["checkpoint"]
     assert again["config"] == first["config"] and again["config"]["eval_every"] == cpu.eval_every
@@ -260,7 +273,9 @@ def test_a_changed_config_is_a_new_run_beside_the_old_one(checked, monkeypatch):
     assert _train(storage, instance, version, settings).success
     old_dir = training_run_dir(storage, settings, version)
     files = {p: p.stat().st_mtime_ns for p in old_dir.rglob("*") if p.name != trainer.LOCK}
-    monkeypatch.setitem(trainer.PROFILES, "cpu", replace(trainer.PROFILES["cpu"], lr=1e-3))
+    monkeypatch.setitem(
+        training_config.PROFILES, "cpu", replace(training_config.PROFILES["cpu"], lr=1e-3)
+    )
     new_dir = training_run_dir(storage, settings, version)
     assert new_dir.parent == old_dir.parent and new_dir != old_dir
     meta = _metadata(_train(storage, instance, version, settings))
