@@ -95,7 +95,7 @@ class Evaluation:
         s = self.summary
         lines = [
             f"**validation perplexity** {s['validation']['perplexity']:.2f} "
-            f"(loss {s['validation']['loss']:.3f} nats/token, unigram {s['unigram_loss']:.3f})",
+            f"({s['validation']['loss']:.3f} nats/token; {_baseline(s)})",
             f"**similarity error** {se_text(s['comparison']['similarity_error'])}, "
             f"**pitch-class overlap** {s['comparison']['pitch_class_overlap']:.3f}",
             f"{len(self.samples)} sample MIDI files; full report: {self.html}",
@@ -248,6 +248,13 @@ def _require_one_tokenizer(
             )
 
 
+def _baseline(summary: dict) -> str:
+    """The unigram baseline in the units the sentence before it uses: beside a perplexity, its
+    loss alone read as a perplexity the model barely beat."""
+    loss = summary["unigram_loss"]
+    return f"unigram baseline: perplexity {math.exp(loss):.2f}, {loss:.3f} nats/token"
+
+
 def _metric_rows(summary: dict) -> list[tuple[str, str, str]]:
     rows = [
         (name, f"{v['real']:.3f}", f"{v['generated']:.3f}")
@@ -265,7 +272,7 @@ def _markdown(summary: dict, figures: list[Path], midi: list[tuple[Path, Path]])
         f"Checkpoint `{summary['checkpoint']}`, dataset `{summary['dataset']}`.",
         "",
         f"Validation: **perplexity {v['perplexity']:.2f}** ({v['loss']:.3f} nats/token over "
-        f"{v['tokens']} tokens; unigram baseline {summary['unigram_loss']:.3f}).",
+        f"{v['tokens']} tokens; {_baseline(summary)}).",
         "",
         "| token family | tokens | perplexity |",
         "|---|---|---|",
@@ -324,8 +331,8 @@ img{{max-width:100%}}.big{{font-size:1.4em}}</style>
 </head><body><h1>MeloFormer evaluation</h1>
 <p>Checkpoint <code>{html.escape(summary["checkpoint"])}</code>, dataset
 <code>{html.escape(summary["dataset"])}</code></p>
-<p class="big">Validation perplexity <b>{v["perplexity"]:.2f}</b> ({v["loss"]:.3f} nats/token,
-unigram baseline {summary["unigram_loss"]:.3f})</p>
+<p class="big">Validation perplexity <b>{v["perplexity"]:.2f}</b> ({v["loss"]:.3f} nats/token;
+{_baseline(summary)})</p>
 <table><tr><th>token family</th><th>tokens</th><th>perplexity</th></tr>{families}</table>
 <h2>Generated vs held-out real music (the bars after the prompt)</h2>
 <p>Pitch-class overlap <b>{c["pitch_class_overlap"]:.3f}</b>, similarity error
