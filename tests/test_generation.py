@@ -225,7 +225,7 @@ def test_a_report_is_replaced_whole_or_not_at_all(checkpoint, prepared, tmp_path
     assert len([n for n in files if n.startswith(("real_", "pianoroll_"))]) == 2
     before = {p.name: p.read_bytes() for p in (tmp_path / "report").iterdir()}
 
-    def broken(real, generated, path):
+    def broken(real, generated, path, *_):
         path.write_bytes(b"half a picture")
         raise OSError("disk full")
 

@@ -158,12 +158,10 @@ def evaluate_checkpoint(
     gen_scores = [tokenizer.decode_score(ids) for ids in continuations]
     # the bars after the prompt (the prompt is in both), of the pieces whose continuation got
     # past it within max_tokens
+    real_pieces = [metrics.piece(tokenizer, s) for s in real_scores]
     pairs = [
         (generated, real)
-        for generated, real in zip(
-            (metrics.piece(tokenizer, s) for s in gen_scores),
-            (metrics.piece(tokenizer, s) for s in real_scores),
-        )
+        for generated, real in zip((metrics.piece(tokenizer, s) for s in gen_scores), real_pieces)
         if len(generated.layout.starts) > prompt_bars
     ]
     if not pairs:
@@ -194,7 +192,11 @@ def evaluate_checkpoint(
             stem = Path(row["path"]).stem
             samples.append(write_midi(generated, folder / f"generated_{i}_{stem}.mid"))
             originals.append(write_midi(real, folder / f"real_{i}_{stem}.mid"))
-            figures.append(save_comparison(real, generated, folder / f"pianoroll_{i}.png"))
+            prompt_end = real_pieces[i].layout.bounds[prompt_bars] / real_pieces[i].beat_units
+            title = f"{stem}: {prompt_bars} bars of prompt, {bars} generated"
+            figures.append(
+                save_comparison(real, generated, folder / f"pianoroll_{i}.png", title, prompt_end)
+            )
         midi = list(zip(samples, originals))
         (folder / "evaluation.json").write_text(json.dumps(summary, indent=2))
         (folder / "report.md").write_text(_markdown(summary, figures, midi))
