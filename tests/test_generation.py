@@ -1,5 +1,6 @@
 """Generation under the grammar, and the evaluation report, from a briefly trained checkpoint."""
 
+import html
 import json
 import math
 import re
@@ -186,6 +187,10 @@ def test_evaluation_report_files_contain_the_figures(checkpoint, prepared, tmp_p
     assert ppl > 1
     for text in (ev.html.read_text(), ev.markdown.read_text(), ev.short_markdown()):
         assert f"{ppl:.2f}" in text and baseline in text
+    for name in metrics.METRICS:  # each metric is explained where it is reported
+        explained = html.escape(metrics.meaning(name))
+        assert explained and explained in ev.html.read_text()
+        assert metrics.meaning(name) in ev.markdown.read_text()
     assert set(summary["comparison"]["metrics"]) == set(metrics.METRICS)
     assert len(ev.samples) == 2 and all(p.exists() for p in ev.samples)
     assert all(p.exists() and p.stat().st_size > 5000 for p in ev.figures)

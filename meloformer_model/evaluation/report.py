@@ -257,12 +257,12 @@ def _baseline(summary: dict) -> str:
     return f"unigram baseline: perplexity {math.exp(loss):.2f}, {loss:.3f} nats/token"
 
 
-def _metric_rows(summary: dict) -> list[tuple[str, str, str]]:
-    rows = [
-        (name, f"{v['real']:.3f}", f"{v['generated']:.3f}")
+def _metric_rows(summary: dict) -> list[tuple[str, str, str, str]]:
+    """(metric, what it measures, real, generated)."""
+    return [
+        (name, metrics.meaning(name), f"{v['real']:.3f}", f"{v['generated']:.3f}")
         for name, v in summary["comparison"]["metrics"].items()
     ]
-    return rows
 
 
 def _markdown(summary: dict, figures: list[Path], midi: list[tuple[Path, Path]]) -> str:
@@ -287,10 +287,10 @@ def _markdown(summary: dict, figures: list[Path], midi: list[tuple[Path, Path]])
         f"after the prompt, of the {summary['compared_pieces']} pieces whose continuation got "
         "past it.",
         "",
-        "| metric | real | generated |",
-        "|---|---|---|",
+        "| metric | what it measures | real | generated |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in _metric_rows(summary)]
+    lines += [f"| {' | '.join(row)} |" for row in _metric_rows(summary)]
     c = summary["comparison"]
     lines += [
         "",
@@ -315,15 +315,14 @@ def _html(summary: dict, figures: list[Path], midi: list[tuple[Path, Path]]) -> 
         for f, x in v["families"].items()
     )
     rows = "".join(
-        f"<tr><td>{a}</td><td>{b}</td><td>{c}</td></tr>" for a, b, c in _metric_rows(summary)
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+        for row in _metric_rows(summary)
     )
-    images = "".join(
-        f'<figure><img src="{p.name}" alt="{p.stem}"><figcaption>{p.stem}</figcaption></figure>'
-        for p in figures
-    )
-    links = "".join(
-        f'<li><a href="{g.name}">{g.name}</a> (real: <a href="{r.name}">{r.name}</a>)</li>'
-        for g, r in midi
+    loss_curve, *rolls = figures
+    pieces = "".join(
+        f'<h3>{i}: {html.escape(r.stem.split("_", 2)[2])}</h3><p><a href="{g.name}">generated</a>'
+        f' · <a href="{r.name}">real</a> (MIDI)</p><img src="{roll.name}" alt="{roll.stem}">'
+        for i, ((g, r), roll) in enumerate(zip(midi, rolls))
     )
     c = summary["comparison"]
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>MeloFormer evaluation</title>
@@ -339,5 +338,8 @@ img{{max-width:100%}}.big{{font-size:1.4em}}</style>
 <h2>Generated vs held-out real music (the bars after the prompt)</h2>
 <p>Pitch-class overlap <b>{c["pitch_class_overlap"]:.3f}</b>, similarity error
 <b>{se_text(c["similarity_error"])}</b></p>
-<table><tr><th>metric</th><th>real</th><th>generated</th></tr>{rows}</table>
-<h2>Samples</h2><ul>{links}</ul>{images}</body></html>"""
+<table><tr><th>metric</th><th>what it measures</th><th>real</th><th>generated</th></tr>{rows}
+</table>
+<h2>Training</h2><img src="{loss_curve.name}" alt="{loss_curve.stem}">
+<h2>Samples: the prompt shaded, then real (top) and generated (bottom)</h2>{pieces}
+</body></html>"""
