@@ -118,11 +118,11 @@ def _metadata(result: dict, run_dir: Path, profile: str, config: dict, baseline:
     evaluated = [h for h in history if "val_loss" in h]
     rows = "\n".join(f"| {h['step']} | {h['loss']:.3f} | {h['val_loss']:.3f} |" for h in evaluated)
     # left out when not measured, rather than reported as a figure: no evaluation yet, no known
-    # peak for this device (utilisation 0), no GPU memory counter (CPU: 0)
+    # peak for this device, no GPU memory counter (CPU)
     measured = {
         "val_loss": evaluated[-1]["val_loss"] if evaluated else None,
-        "model_flops_utilisation": result["mfu"] or None,
-        "peak_memory_bytes": result["peak_memory_bytes"] or None,
+        "model_flops_utilisation": result["mfu"],
+        "peak_memory_bytes": result["peak_memory_bytes"],
     }
     return {
         "profile": profile,

@@ -1405,7 +1405,12 @@ def report(
             "vs_materialized: against causal attention holding the T x T scores (math kernel)",
         }
     else:
-        note = "GPU goal: not evaluated on this device (flex has no CPU backward)"
+        note = (
+            "GPU goal: not evaluated on this device (flex has no CPU backward)"
+            if kind == "cpu"
+            else f"not evaluated in this run: flex was not timed at {GOAL_LENGTH} tokens "
+            "(--lengths, --flex-lengths)"
+        )
         goals["flex_speedup_at_8k"] = {
             "goal": GOAL_FLEX_SPEEDUP,
             "value": None,

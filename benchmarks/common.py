@@ -62,6 +62,11 @@ def print_table(headers: list[str], rows: list[list[object]]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+def pct(share: float | None) -> str:
+    """A utilisation, or "-" where it was not measured (no known peak for the GPU)."""
+    return "-" if share is None else f"{share:.1%}"
+
+
 def write_result(name: str, payload: dict) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"

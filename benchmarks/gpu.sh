@@ -48,11 +48,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 gpu=$("$py" -c 'import re, torch; print(re.sub("[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"))')
 
 data=()
-[ -n "${DATASET:-}" ] && data=(--dataset "$DATASET" --vocab "$VOCAB")
+[ -n "${DATASET:-}" ] && data=(--dataset "$DATASET" --vocab "${VOCAB:?DATASET needs VOCAB too}")
 for s in "${stages[@]}"; do
     case $s in
     tests)
-        stage tests 200 "$py" -m pytest tests/test_gpu.py -v -x -p no:cacheprovider
+        stage tests 200 "$py" -m pytest tests/test_gpu.py -v -x -p no:cacheprovider \
+            --junitxml "$out/tests-$gpu.xml"
         ;;
     attention)
         # the large model's dims (12 heads): the GPU profiles train it, and at 4 heads one 8k
@@ -79,8 +80,12 @@ for s in "${stages[@]}"; do
     trainer)
         # the real train() under PROFILES["h100"] (8 micro-batches a step, so the host runs ahead
         # of the GPU), a few steps with evaluation and checkpoints
-        stage trainer 300 "$py" benchmarks/profile_run.py --steps 8 --grad-accum 8 \
-            --name "profile-run-$gpu" "${data[@]}"
+        if [ ${#data[@]} -eq 0 ]; then
+            echo "=== trainer: skipped (it trains on a prepared dataset: set DATASET and VOCAB)"
+        else
+            stage trainer 300 "$py" benchmarks/profile_run.py --steps 8 --grad-accum 8 \
+                --name "profile-run-$gpu" "${data[@]}"
+        fi
         ;;
     eager)
         stage eager 150 "$py" benchmarks/train.py --device cuda --sizes large --compile 0 \

@@ -32,7 +32,13 @@ GOAL_RATIO = 2.0
 
 
 def miditok_tokenizer():
-    from miditok import REMI, TokenizerConfig
+    try:
+        from miditok import REMI, TokenizerConfig
+    except ImportError as exc:  # the reference is an optional dependency
+        raise SystemExit(
+            f"preprocess.py times MidiTok as its reference ({exc}): install the bench extra, "
+            "pip install -e '.[bench]' (make bench does)"
+        ) from None
 
     config = TokenizerConfig(
         use_chords=True,

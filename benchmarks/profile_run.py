@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from common import dynamo_stats, machine, print_table, write_result  # noqa: E402
+from common import dynamo_stats, machine, pct, print_table, write_result  # noqa: E402
 
 from meloformer_model.tokenizer.vocab import Vocabulary  # noqa: E402
 from meloformer_model.training.config import PROFILES  # noqa: E402
@@ -66,10 +66,11 @@ def main() -> None:
     print_table(["step", "loss", "val loss", "step s", "tokens/s"], rows)
     # the run's figures include the first step's compilation; the median step is steady state
     steady = statistics.median(h["tokens"] / h["seconds"] for h in history[1:] or history)
-    steady_mfu = result.mfu * steady / result.tokens_per_second
-    print(f"tokens/s {result.tokens_per_second:,.0f}, MFU {result.mfu:.1%} over the run "
-          f"(compilation included); median step {steady:,.0f} tokens/s, MFU {steady_mfu:.1%}; "
-          f"peak memory {result.peak_memory_bytes / 2**30:.1f} GiB; wall "
+    steady_mfu = result.mfu and result.mfu * steady / result.tokens_per_second
+    memory = result.peak_memory_bytes
+    print(f"tokens/s {result.tokens_per_second:,.0f}, MFU {pct(result.mfu)} over the run "
+          f"(compilation included); median step {steady:,.0f} tokens/s, MFU {pct(steady_mfu)}; "
+          f"peak memory {'-' if memory is None else f'{memory / 2**30:.1f} GiB'}; wall "
           f"{result.wall_seconds:.0f} s; checkpoints {saved}")  # fmt: skip
     limit = torch._dynamo.config.recompile_limit
     print(f"dynamo: {graphs} graphs in all (limit {limit} per code object); recompiles "

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import statistics
 import sys
@@ -72,7 +73,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets  # noqa: E402
 import torch  # noqa: E402
-from common import dynamo_stats, machine, print_table, write_result  # noqa: E402
+from common import dynamo_stats, machine, pct, print_table, write_result  # noqa: E402
 from step_profile import VARIANT_NOTES, attention_comparison, kernel_profile  # noqa: E402
 
 from meloformer_model.model import (  # noqa: E402
@@ -90,7 +91,6 @@ from meloformer_model.tokenizer.vocab import Vocabulary  # noqa: E402
 from meloformer_model.training.config import PROFILES  # noqa: E402
 from meloformer_model.training.data import PackedLoader  # noqa: E402
 from meloformer_model.training.trainer import (  # noqa: E402
-    GPU_PEAK,
     adamw,
     forward_loss,
     peak_flops,
@@ -103,7 +103,8 @@ UPSTREAM_DEVICE = "H800"
 GOAL_MFU = 0.35
 PHASES = ("summarize", "update")
 SWITCHES = {
-    "checkpointing": "override gradient checkpointing (GPU default on, CPU off)",
+    "checkpointing": "override gradient checkpointing (default: the h100 profile's on GPU, "
+    "off on CPU)",
     "bf16": "bf16 autocast (default: on GPU, off on CPU; on CPU the utilisation is then against "
     "a bf16 matmul peak)",
     "compile": "override compiled blocks (flex backend, GPU; default: the h100 profile's on GPU, "
@@ -531,7 +532,7 @@ def main() -> None:
                      r["tokens_per_s"], r["tokens_per_s_best_step"],
                      f"{fpt['total_sparse'] / 1e6:.1f}/{fpt['total_causal'] / 1e6:.1f}",
                      f"{r['update_visible_keys_per_query']:.0f} ({r['update_mask_density']:.1%})",
-                     f"{r['utilisation_sparse']:.1%}/{r['utilisation_causal']:.1%}",
+                     f"{pct(r['utilisation_sparse'])}/{pct(r['utilisation_causal'])}",
                      _local(r),
                      f"{r['mask_build_share_of_step']:.0%}",
                      f"{r['vs_upstream']:.1f}x" if r["vs_upstream"] else "-",
@@ -547,14 +548,15 @@ def main() -> None:
     goal = {"goal": GOAL_MFU, "size": GOAL_SIZE, "seq_len": GOAL_LENGTH, "device": "cuda",
             "counting": "6 x parameters + attention (causal-equivalent, as the trainer's mfu); "
                         "also given with the sparse visible-key count"}  # fmt: skip
-    if kind == "cuda" and GOAL_SIZE in results and args.seq_len == GOAL_LENGTH:
+    if kind == "cuda" and GOAL_SIZE in results and args.seq_len == GOAL_LENGTH and peak:
         r = results[GOAL_SIZE]
         goal.update(value_causal=r["utilisation_causal"], value_sparse=r["utilisation_sparse"],
                     met=r["utilisation_causal"] >= GOAL_MFU,
                     met_sparse_count=r["utilisation_sparse"] >= GOAL_MFU)  # fmt: skip
     else:
         goal.update(value_causal=None, value_sparse=None, met=None,
-                    note="GPU goal: not evaluated on this device/length")  # fmt: skip
+                    note="GPU goal: not evaluated on this device/length (or no known peak "
+                         f"for {device_name})")  # fmt: skip
     large = model_config("large", vocab_size)
     fpt_large = flops_per_token(large, 8192, 0.0)
     goal["tokens_per_s_needed_at_35pct_h100_causal"] = GOAL_MFU * 989e12 / fpt_large["total_causal"]
@@ -565,8 +567,8 @@ def main() -> None:
         f"{goal['tokens_per_s_needed_at_35pct_h100_causal']:,.0f} tokens/s and 90k tokens/s is "
         f"{goal['mfu_of_90k_tokens_per_s_h100_causal']:.1%} MFU")  # fmt: skip
     for key, r in results.items():
-        print(f"{key}: {r['tokens_per_s']:,.0f} tok/s; utilisation {r['utilisation_causal']:.1%} "
-              f"(causal count) / {r['utilisation_sparse']:.1%} (sparse count); mask build "
+        print(f"{key}: {r['tokens_per_s']:,.0f} tok/s; utilisation {pct(r['utilisation_causal'])} "
+              f"(causal count) / {pct(r['utilisation_sparse'])} (sparse count); mask build "
               f"{r['mask_build_s']:.3f} s = {r['mask_build_share_of_step']:.0%} of a step; batch "
               f"making {r['batch_make_s_mean'] * 1e3:.0f} ms")  # fmt: skip
     print(f"goal (GPU, large @ 8192, >= {GOAL_MFU:.0%} MFU): "
@@ -577,7 +579,7 @@ def main() -> None:
         if r["kernel_profile"]:
             _print_kernel_profile(key, r)
 
-    name = args.name or ("train" if kind == "cpu" else f"train-{_slug(device_name)}")
+    name = args.name or ("train" if kind == "cpu" else f"train-{_slug(device_name)}")  # as gpu.sh
     path = write_result(name, {
         "benchmark": "train",
         "device": kind,
@@ -659,10 +661,8 @@ def _load(load: dict) -> str:
 
 
 def _slug(name: str) -> str:
-    for key in GPU_PEAK[torch.bfloat16]:
-        if key in name:
-            return key.lower()
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    """The device's name as gpu.sh names result files: "NVIDIA H200" -> "nvidia-h200"."""
+    return re.sub("[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 if __name__ == "__main__":

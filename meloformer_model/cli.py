@@ -312,8 +312,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if rank == 0:
         val = [h["val_loss"] for h in result.history if "val_loss" in h]
         val_loss = f"{val[-1]:.4f}" if val else "not evaluated"
+        mfu = "unknown (no peak for this GPU)" if result.mfu is None else f"{result.mfu:.1%}"
         print(f"{result.history[-1]['step']} steps, validation loss {val_loss}, "
-              f"{result.tokens_per_second:,.0f} tokens/s, MFU {result.mfu:.1%}; checkpoint "
+              f"{result.tokens_per_second:,.0f} tokens/s, MFU {mfu}; checkpoint "
               f"{result.checkpoint}, best {result.best}")  # fmt: skip
 
 

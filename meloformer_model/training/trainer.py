@@ -128,8 +128,8 @@ class TrainResult:
     best: Path
     history: list[dict]
     tokens_per_second: float
-    mfu: float
-    peak_memory_bytes: int
+    mfu: float | None  # None: no known peak for this GPU
+    peak_memory_bytes: int | None  # None: no GPU memory counter (CPU)
     wall_seconds: float
     parameters: int
     processes: int
@@ -428,8 +428,8 @@ def _train(
         best=best_checkpoint(out_dir) or checkpoints(out_dir)[-1],
         history=history,
         tokens_per_second=tokens_per_second,
-        mfu=flops / peak if peak else 0.0,
-        peak_memory_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0,
+        mfu=flops / peak if peak else None,
+        peak_memory_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
         wall_seconds=wall,
         parameters=params,
         processes=world,
