@@ -67,6 +67,26 @@ def cmd_filter(args: argparse.Namespace) -> None:
     print(f"wrote {Path(args.out) / 'accepted.parquet'} and {Path(args.out) / 'rejected.parquet'}")
 
 
+def _check_outputs(outputs: list[Path], inputs: list[str | Path]) -> None:
+    """Refuse, before any work, outputs that would overwrite an input or each other, or that
+    cannot be files (a folder, or a parent that is a file)."""
+    sources = {Path(p).resolve() for p in inputs if p}
+    seen: set[Path] = set()
+    for out in outputs:
+        target = out.resolve()
+        inside = any(target.is_relative_to(s) for s in sources if s.is_dir()) and target.exists()
+        if target in sources or inside or any(s.is_relative_to(target) for s in sources):
+            raise CliError(f"{out}: the output would overwrite an input")
+        if target in seen:
+            raise CliError(f"{out}: written twice by this command (another output has its name)")
+        seen.add(target)
+        if target.is_dir():
+            raise CliError(f"{out}: is a folder, not a file to write")
+        parent = next((p for p in target.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise CliError(f"{out}: {parent} is a file, not a folder")
+
+
 def _load_tokens(path: str) -> tuple[HIDTokenizer, np.ndarray]:
     try:
         data = json.loads(Path(path).read_text())
@@ -93,6 +113,7 @@ def _encode(path: str) -> tuple[HIDTokenizer, object]:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
+    _check_outputs([Path(args.output)], [args.file])
     tokenizer, seq = _encode(args.file)
     payload = {
         "source": str(args.file),
@@ -106,6 +127,7 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 
 
 def cmd_decode(args: argparse.Namespace) -> None:
+    _check_outputs([Path(args.output)], [args.file])
     tokenizer, ids = _load_tokens(args.file)
     score = tokenizer.decode_score(ids)
     write_midi(score, args.output)
@@ -211,6 +233,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if args.samples < 1:
         raise CliError(f"--samples {args.samples}: ask for at least one piece")
+    out = Path(args.output)
+    paths = [out if args.samples == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+             for i in range(1, args.samples + 1)]  # fmt: skip
+    rolls = [path.with_suffix(".png") for path in paths] if args.piano_roll else []
+    _check_outputs(paths + rolls, [args.checkpoint, args.prompt])
     try:
         sampling = SamplingConfig(**{f.name: getattr(args, f.name) for f in fields(SamplingConfig)})
         device = device_for(args.device)
@@ -244,12 +271,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
             args.instruments,
             progress=lambda done: bar.update(done - bar.n),
         )
-    out = Path(args.output)
-    for i, ids in enumerate(pieces, 1):
-        path = out if args.samples == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+    for path, ids in zip(paths, pieces):
         score = write_outputs(tokenizer, ids, path, args.piano_roll)
         notes, tracks = score.note_num(), len(score.tracks)
-        print(f"{len(ids)} tokens, {notes} notes in {tracks} tracks -> {path}")
+        roll = f" and {path.with_suffix('.png')}" if args.piano_roll else ""
+        print(f"{len(ids)} tokens, {notes} notes in {tracks} tracks -> {path}{roll}")
 
 
 def _dataset_and_vocabulary(args: argparse.Namespace) -> tuple[Path, Vocabulary]:
@@ -262,6 +288,19 @@ def _dataset_and_vocabulary(args: argparse.Namespace) -> tuple[Path, Vocabulary]
         raise CliError(f"{args.vocab}: not a vocabulary ({exc})") from exc
 
 
+def _check_report_folder(out: Path, inputs: list) -> None:
+    """``--out`` is replaced whole: refuse anything there but an earlier report, and a folder
+    holding an input."""
+    target = out.resolve()
+    if any(Path(p).resolve().is_relative_to(target) for p in inputs):
+        raise CliError(f"{out}: holds an input of this evaluation; the report replaces it whole")
+    if target.exists() and not (target / "evaluation.json").is_file():
+        raise CliError(
+            f"{out}: exists and is not an earlier report (no evaluation.json); the report "
+            "replaces its folder whole, so give a new or a report folder"
+        )
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """The evaluation report of a checkpoint outside Dagster (what ``evaluation_report``
     writes): for runs trained with ``meloformer train``."""
@@ -269,6 +308,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from meloformer_model.evaluation.report import evaluate_checkpoint
 
     dataset, vocab = _dataset_and_vocabulary(args)
+    _check_report_folder(Path(args.out), [args.checkpoint, dataset, args.vocab])
     try:
         ev = evaluate_checkpoint(
             Path(args.checkpoint),
@@ -440,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BrokenPipeError:  # the reader stopped early (`| head`): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 1
+    except OSError as exc:  # an output that cannot be written: one line, not a traceback
+        print(f"meloformer {args.command}: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -173,3 +173,28 @@ def test_train_runs_resumes_and_refuses_another_config_in_its_folder(prepared, t
     assert proc.stderr.strip() == (
         f"meloformer train: {tmp_path}: not an Arrow dataset version folder (no dataset_dict.json)"
     )
+
+
+def test_outputs_that_would_overwrite_an_input_are_refused_before_any_work(tmp_path, sample_files):
+    """An output equal to an input (or a folder, or under a file) is named in one line and
+    nothing is written: the input is what the user would lose."""
+    midi = tmp_path / "piece.mid"
+    midi.write_bytes(sample_files[0].read_bytes())
+    original = midi.read_bytes()
+    result = run_cli("tokenize", midi, "-o", midi)
+    assert result.returncode == 1 and midi.read_bytes() == original
+    assert result.stderr == f"meloformer tokenize: {midi}: the output would overwrite an input\n"
+    assert run_cli("tokenize", midi, "-o", tmp_path / "t.json").returncode == 0
+    tokens = tmp_path / "t.json"
+    before = tokens.read_bytes()
+    result = run_cli("decode", tokens, "-o", tokens)
+    assert result.returncode == 1 and tokens.read_bytes() == before
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    result = run_cli("decode", tokens, "-o", folder)
+    assert result.stderr == f"meloformer decode: {folder}: is a folder, not a file to write\n"
+    result = run_cli("decode", tokens, "-o", midi / "out.mid")
+    assert (
+        result.stderr == f"meloformer decode: {midi / 'out.mid'}: {midi} is a file, not a folder\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "piece.mid", "t.json"]

@@ -268,6 +268,40 @@ def test_cli_generate(checkpoint, tmp_path):
     assert "generate: 100%" in proc.stderr and "2/2 [" in proc.stderr  # the bars' progress bar
 
 
+def test_cli_generate_and_evaluate_refuse_outputs_over_their_inputs(checkpoint, prepared, tmp_path):
+    """Generating over the weights it loads, a MIDI and its piano roll under one name, or an
+    evaluation report replacing a folder that is not an earlier report, are refused before any
+    work, and nothing changes."""
+    weights = checkpoint / "model.safetensors"
+    before = {p: p.read_bytes() for p in checkpoint.iterdir()}
+    command = [sys.executable, "-m", "meloformer_model.cli"]
+    generate = [*command, "generate", "--checkpoint", str(checkpoint), "--bars", "1"]
+    proc = subprocess.run([*generate, "-o", str(weights)], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr == f"meloformer generate: {weights}: the output would overwrite an input\n"
+    png = tmp_path / "roll.png"
+    proc = subprocess.run(
+        [*generate, "-o", str(png), "--piano-roll"], capture_output=True, text=True
+    )
+    assert proc.stderr.endswith(
+        f"{png}: written twice by this command (another output has its name)\n"
+    )
+    notes = tmp_path / "thesis"
+    notes.mkdir()
+    (notes / "chapter.txt").write_text("months of work")
+    evaluate = [*command, "evaluate", str(checkpoint), "--dataset", str(prepared.dataset.path),
+                "--vocab", str(prepared.vocab_path)]  # fmt: skip
+    proc = subprocess.run([*evaluate, "--out", str(notes)], capture_output=True, text=True)
+    assert proc.returncode == 1 and "is not an earlier report (no evaluation.json)" in proc.stderr
+    proc = subprocess.run(
+        [*evaluate, "--out", str(checkpoint.parent)], capture_output=True, text=True
+    )
+    assert proc.returncode == 1 and "holds an input of this evaluation" in proc.stderr
+    assert (notes / "chapter.txt").read_text() == "months of work"
+    assert {p: p.read_bytes() for p in checkpoint.iterdir()} == before
+    assert list(tmp_path.iterdir()) == [notes]
+
+
 def test_cli_generates_several_samples_side_by_side(checkpoint, tmp_path):
     out = tmp_path / "piece.mid"
     args = ["--checkpoint", str(checkpoint), "-o", str(out), "--bars", "1", "--max-tokens", "120"]
