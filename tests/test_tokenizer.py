@@ -485,3 +485,31 @@ def test_precomputed_chords_give_the_same_tokens(sample_files):
         np.testing.assert_array_equal(TOK.encode(path, chords=chords).ids, seq.ids)
     with pytest.raises(TokenizeError, match="chords given"):
         TOK.encode(sample_files[0], chords=np.zeros(1, dtype=np.int64))
+
+
+def _far_note_midi(ticks_per_quarter: int, deltas: list[int]) -> bytes:
+    """One track: a note after ``deltas`` (variable-length deltas of 28 bits at most)."""
+    track = mido.MidiTrack()
+    for delta in deltas:
+        track.append(mido.MetaMessage("marker", text="x", time=delta))
+    track += [mido.Message("note_on", note=60, velocity=80, time=0),
+              mido.Message("note_off", note=60, velocity=0, time=1)]  # fmt: skip
+    midi = mido.MidiFile(ticks_per_beat=ticks_per_quarter)
+    midi.tracks.append(track)
+    buffer = io.BytesIO()
+    midi.save(file=buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (_far_note_midi(1, [0x0FFFFFFF]), "quarter notes long, more than"),  # 42 bytes, 64 GiB
+        (_far_note_midi(480, [0x0FFFFFFF] * 10), "wrap"),  # past 32-bit ticks
+    ],
+)
+def test_hostile_lengths_are_refused_before_anything_is_allocated(data, reason):
+    """A few bytes can claim a piece of millions of bars: the tokenizer refuses it by its
+    length instead of allocating bars for it (the filter refuses such files too)."""
+    with pytest.raises(TokenizeError, match=reason):
+        TOK.encode(data)

@@ -95,6 +95,26 @@ def _forward_fill_index(mask: np.ndarray) -> np.ndarray:
     return np.maximum.accumulate(idx)
 
 
+# A safety bound, not a quality rule (the filter's ``max_beats`` is that): a few bytes of MIDI can
+# claim millions of bars, and the tokenizer allocates per bar and per grid position.
+MAX_QUARTERS = 100_000
+
+
+def _refuse_hostile_extent(score: ScoreTick) -> None:
+    """Refuse, before anything is allocated for it, a score no grid can hold."""
+    tpq = score.ticks_per_quarter
+    if tpq < 1:
+        raise TokenizeError(f"a division of {tpq} ticks per quarter note")
+    if score.start() < 0:
+        raise TokenizeError("event times past the 32-bit tick range (they wrap to negative)")
+    quarters = score.end() / tpq
+    if quarters > MAX_QUARTERS:
+        raise TokenizeError(
+            f"{quarters:,.0f} quarter notes long, more than the {MAX_QUARTERS:,} the tokenizer "
+            "takes"
+        )
+
+
 class HIDTokenizer:
     """Encode MIDI into HID tokens and decode tokens back into MIDI."""
 
@@ -160,6 +180,7 @@ class HIDTokenizer:
         return self._detect(self.layout(load_score(src)))
 
     def layout(self, score: ScoreTick) -> Layout:
+        _refuse_hostile_extent(score)
         ppq = self.config.positions_per_quarter
         notes = self._collect_notes(score, ppq)
         ts_times, ts_index = self._time_signatures(score, ppq)
