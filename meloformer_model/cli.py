@@ -233,6 +233,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if args.samples < 1:
         raise CliError(f"--samples {args.samples}: ask for at least one piece")
+    if args.prompt and (args.tempo is not None or args.time_signature is not None):
+        raise CliError("--tempo and --time-signature start a piece from scratch; a --prompt "
+                       "keeps its own (drop one or the other)")  # fmt: skip
+    if args.prompt_bars is not None and not args.prompt:
+        raise CliError("--prompt-bars takes the first bars of a --prompt; none was given")
     out = Path(args.output)
     paths = [out if args.samples == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
              for i in range(1, args.samples + 1)]  # fmt: skip
@@ -253,8 +258,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
             prompt = prompt_from_midi(tokenizer, args.prompt, args.prompt_bars)
         else:
             prompt = prompt_from_scratch(tokenizer, args.tempo, args.time_signature)
-        Grammar(tokenizer, args.instruments)  # refuses unknown programs before sampling starts
     except (MidiReadError, TokenizeError, ValueError) as exc:
+        named = not args.prompt or str(args.prompt) in str(exc)
+        raise CliError(str(exc) if named else f"{args.prompt}: {exc}") from exc
+    try:
+        Grammar(tokenizer, args.instruments)  # refuses unknown programs before sampling starts
+    except ValueError as exc:
         raise CliError(str(exc)) from exc
     if len(prompt) >= sampling.max_tokens:
         raise CliError(

@@ -4,6 +4,7 @@ without loading the model code."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # The longest way to EOS once a piece is past max_tokens: a note's 4 tokens, then EOS
@@ -26,8 +27,9 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if not self.temperature >= 0:
-            problems.append(f"temperature {self.temperature} must be >= 0 (0: the likeliest)")
+        if not 0 <= self.temperature < math.inf:
+            problems.append(f"temperature {self.temperature} must be >= 0 and finite "
+                            "(0: the likeliest)")  # fmt: skip
         if self.top_k < 0:
             problems.append(f"top_k {self.top_k} must be >= 0 (0: no limit)")
         if not 0 < self.top_p <= 1:
@@ -36,6 +38,8 @@ class SamplingConfig:
             problems.append(f"max_tokens {self.max_tokens} must be >= 1")
         if self.bars < 1:
             problems.append(f"bars {self.bars} must be >= 1")
+        if not 0 <= self.seed < 2**63:
+            problems.append(f"seed {self.seed} must be in [0, 2**63)")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -302,6 +302,31 @@ def test_cli_generate_and_evaluate_refuse_outputs_over_their_inputs(checkpoint, 
     assert list(tmp_path.iterdir()) == [notes]
 
 
+def test_cli_generate_refuses_settings_it_would_ignore_or_overflow(checkpoint, tmp_path):
+    """Scratch settings beside a prompt (they were silently ignored), --prompt-bars without a
+    prompt, an infinite temperature, a seed past 64 bits (a traceback); a prompt the tokenizer
+    refuses is named."""
+    prompt = tmp_path / "prompt.mid"
+    prompt.write_bytes(bytes.fromhex("4d546864000000060000000100604d54726b0000000b00ff5803070002"))
+    command = [sys.executable, "-m", "meloformer_model.cli", "generate", "--checkpoint",
+               str(checkpoint), "-o", str(tmp_path / "out.mid")]  # fmt: skip
+    expected = {
+        ("--prompt", str(prompt), "--tempo", "90"): "--tempo and --time-signature start a piece "
+        "from scratch; a --prompt keeps its own",
+        ("--prompt-bars", "2"): "--prompt-bars takes the first bars of a --prompt; none was given",
+        ("--temperature", "inf"): "temperature inf must be >= 0 and finite",
+        ("--seed", str(2**64)): f"seed {2**64} must be in [0, 2**63)",
+        ("--prompt", str(prompt)): f"{prompt}: ",
+    }
+    for options, message in expected.items():
+        proc = subprocess.run([*command, *options], capture_output=True, text=True)
+        assert proc.returncode == 1 and proc.stderr.startswith(f"meloformer generate: {message}"), (
+            proc.stderr
+        )
+        assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompt.mid"]
+
+
 def test_cli_generates_several_samples_side_by_side(checkpoint, tmp_path):
     out = tmp_path / "piece.mid"
     args = ["--checkpoint", str(checkpoint), "-o", str(out), "--bars", "1", "--max-tokens", "120"]

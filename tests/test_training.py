@@ -246,6 +246,14 @@ def test_unreadable_checkpoints_are_named_with_the_reason(prepared, tmp_path):
         "no_tokenizer": lambda f: (f / "config.json").write_text(
             json.dumps({k: v for k, v in read_configs(f).items() if k != "tokenizer"})
         ),
+        "other_tokenizer": lambda f: (f / "config.json").write_text(
+            json.dumps(
+                {
+                    **read_configs(f),
+                    "tokenizer": {**read_configs(f)["tokenizer"], "velocity_bins": 16},
+                }
+            )
+        ),
     }.items():
         cases[name] = shutil.copytree(newest, tmp_path / name)
         damage(cases[name])
@@ -257,6 +265,8 @@ def test_unreadable_checkpoints_are_named_with_the_reason(prepared, tmp_path):
         "foreign_field": "not a readable checkpoint (ModelConfig.__init__() got an unexpected "
         "keyword argument 'new_field')",
         "no_tokenizer": "config.json lacks the tokenizer config",
+        "other_tokenizer": f"config.json's tokenizer has {len(prepared.vocab) - 16} tokens, its "
+        f"model {len(prepared.vocab)}",
     }
     for name, message in messages.items():
         with pytest.raises(CheckpointError) as error:

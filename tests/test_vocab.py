@@ -75,3 +75,17 @@ def test_load_rejects_other_configs_and_edited_files(tmp_path):
     path.write_text("not json")
     with pytest.raises(VocabularyMismatchError, match="not a valid vocabulary"):
         Vocabulary.load(path)
+
+
+@pytest.mark.parametrize("counts", [None, "few", "many", "negative", "fractional"])
+def test_load_refuses_counts_that_are_not_one_whole_number_per_token(tmp_path, counts):
+    """The unigram baseline comes from the counts: short, negative or fractional counts gave a
+    baseline of 0.37 or -0.0 nats, null a TypeError."""
+    vocab = Vocabulary(TokenizerConfig())
+    data = json.loads(vocab.save(tmp_path / "vocab.json").read_text())
+    size = len(vocab.tokens)
+    data["counts"] = {"few": [1] * 10, "many": [1] * (size + 1), "negative": [-1] * size,
+                      "fractional": [0.5] * size}.get(counts)  # fmt: skip
+    (tmp_path / "vocab.json").write_text(json.dumps(data))
+    with pytest.raises(VocabularyMismatchError, match=f"counts must be {size} whole numbers"):
+        Vocabulary.load(tmp_path / "vocab.json")

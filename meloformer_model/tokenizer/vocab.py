@@ -156,5 +156,12 @@ class Vocabulary:
                 f"{path}: vocabulary was built for config {vocab.config_hash()}, "
                 f"but the tokenizer uses {expected.config_hash()}"
             )
-        vocab.counts = np.asarray(data.get("counts", vocab.counts), dtype=np.int64)
+        counts = data.get("counts", vocab.counts.tolist())
+        valid = isinstance(counts, list) and len(counts) == len(vocab.tokens)
+        if not (valid and all(isinstance(n, int) and n >= 0 for n in counts)):
+            raise VocabularyMismatchError(
+                f"{path}: counts must be {len(vocab.tokens)} whole numbers >= 0, one per token "
+                "(the unigram baseline is computed from them)"
+            )
+        vocab.counts = np.asarray(counts, dtype=np.int64)
         return vocab

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from meloformer_model.atomic import atomic_folder
 from meloformer_model.model import MeloFormer, ModelConfig, backend_for
 from meloformer_model.tokenizer.config import TokenizerConfig
+from meloformer_model.tokenizer.vocab import Vocabulary
 
 BEST = "best.json"
 
@@ -123,8 +124,13 @@ def read_configs(folder: Path) -> dict:
         missing = [name for name in CONFIG_SECTIONS if not isinstance(configs.get(name), dict)]
         if missing:
             raise CheckpointError(f"{folder}: config.json lacks the {', '.join(missing)} config")
-        ModelConfig.from_dict(configs["model"])
-        tokenizer_config(configs)
+        model = ModelConfig.from_dict(configs["model"])
+        tokens = len(Vocabulary(tokenizer_config(configs)))
+        if tokens != model.vocab_size:
+            raise CheckpointError(
+                f"{folder}: config.json's tokenizer has {tokens} tokens, its model "
+                f"{model.vocab_size}: the configs are not one run's"
+            )
         return configs
 
 
