@@ -90,9 +90,11 @@ def _check_outputs(outputs: list[Path], inputs: list[str | Path]) -> None:
 def _load_tokens(path: str) -> tuple[HIDTokenizer, np.ndarray]:
     try:
         data = json.loads(Path(path).read_text())
-        ids = np.asarray(data["ids"], dtype=np.int32)
+        if not all(type(i) is int for i in data["ids"]):
+            raise ValueError("ids must be whole numbers")
+        ids = np.asarray(data["ids"], dtype=np.int64)
         config = TokenizerConfig.from_dict(data["config"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, OverflowError) as exc:
         raise CliError(
             f"{path}: not a token file written by 'meloformer tokenize' ({exc})"
         ) from exc
@@ -101,7 +103,7 @@ def _load_tokens(path: str) -> tuple[HIDTokenizer, np.ndarray]:
         raise CliError(f"{path}: config hash does not match the stored tokenizer config")
     if len(ids) and (ids.min() < 0 or ids.max() >= len(tokenizer.vocab)):
         raise CliError(f"{path}: token ids outside the vocabulary of {len(tokenizer.vocab)} tokens")
-    return tokenizer, ids
+    return tokenizer, ids.astype(np.int32)
 
 
 def _encode(path: str) -> tuple[HIDTokenizer, object]:

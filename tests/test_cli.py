@@ -96,6 +96,32 @@ def test_unreadable_input_gives_one_line_and_nonzero_exit(tmp_path):
     assert not (tmp_path / "x.mid").exists()
 
 
+def test_token_files_with_ids_that_are_not_token_ids_are_named(tmp_path, sample_files):
+    """Fractional ids were truncated into other tokens; an id past 64 bits was a traceback."""
+    tokens = tmp_path / "t.json"
+    assert run_cli("tokenize", sample_files[0], "-o", tokens).returncode == 0
+    data = json.loads(tokens.read_text())
+    for ids, reason in (([1.5, 2.7], "ids must be whole numbers"), ([2**70], "too large")):
+        (tmp_path / "bad.json").write_text(json.dumps({**data, "ids": ids}))
+        result = run_cli("decode", tmp_path / "bad.json", "-o", tmp_path / "x.mid")
+        assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+        assert result.stderr.startswith(f"meloformer decode: {tmp_path / 'bad.json'}: not a token")
+        assert reason in result.stderr
+    assert not (tmp_path / "x.mid").exists()
+
+
+def test_a_broken_dataset_folder_is_named_in_one_line(prepared, tmp_path):
+    """A copy of the dataset whose train split lost its folder (datasets raised a traceback)."""
+    import shutil
+
+    broken = shutil.copytree(prepared.dataset.path, tmp_path / "dataset")
+    shutil.rmtree(broken / "train")
+    result = run_cli("train", broken, "--vocab", prepared.vocab_path, "--out", tmp_path / "run",
+                     "--max-steps", "1")  # fmt: skip
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"meloformer train: {broken}: not a readable Arrow dataset")
+
+
 def test_corpus_commands_name_missing_sources_and_bad_worker_counts(tmp_path, capsys):
     """A mistyped folder is reported before any work (it used to become one rejected
     'unreadable' file in the tables); an empty folder and a worker count below 1 as well."""

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
 
@@ -33,7 +32,7 @@ from meloformer_model.sampling import (
 from meloformer_model.tokenizer.hid import HIDTokenizer
 from meloformer_model.tokenizer.vocab import FAMILIES, Vocabulary
 from meloformer_model.training.checkpoint import load_model, read_state, tokenizer_config
-from meloformer_model.training.data import IGNORE, PackedLoader
+from meloformer_model.training.data import IGNORE, PackedLoader, load_splits
 from meloformer_model.training.trainer import (
     PROGRESS_EVERY_S,
     device_for,
@@ -125,7 +124,7 @@ def evaluate_checkpoint(
     history = read_state(checkpoint)["history"]  # read before the long passes: it may be broken
     _require_one_tokenizer(checkpoint, configs, dataset_path, vocab)
     tokenizer = HIDTokenizer(tokenizer_config(configs))
-    data = datasets.load_from_disk(str(dataset_path))
+    data = load_splits(dataset_path)
     if not len(data["valid"]):
         raise ValueError(f"{dataset_path}: the valid split is empty: no perplexity to report")
     train = configs["train"]

@@ -11,7 +11,9 @@ model's masks use to keep documents apart. The plan of an epoch is a pure functi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 
@@ -20,6 +22,15 @@ from meloformer_model.training.packing import pack, windows
 
 SIDE = ("bar", "instrument", "token_type", "onset_group")
 IGNORE = -100
+
+
+def load_splits(dataset_path: Path) -> datasets.DatasetDict:
+    """A dataset version's splits, memory-mapped; a folder ``datasets`` cannot read (a split
+    missing, truncated Arrow, broken JSON) is named with the reason."""
+    try:
+        return datasets.load_from_disk(str(dataset_path))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{dataset_path}: not a readable Arrow dataset ({exc})") from exc
 
 
 @dataclass

@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -48,7 +47,7 @@ from meloformer_model.training.checkpoint import (
     save_checkpoint,
 )
 from meloformer_model.training.config import TrainConfig, trajectory_changes
-from meloformer_model.training.data import IGNORE, Batch, PackedLoader
+from meloformer_model.training.data import IGNORE, Batch, PackedLoader, load_splits
 from meloformer_model.training.packing import PACKING
 
 SUMMARY = "summary.json"
@@ -301,7 +300,7 @@ def _train(
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     torch.manual_seed(config.seed)
-    data = datasets.load_from_disk(str(dataset_path))
+    data = load_splits(dataset_path)
     train_loader = PackedLoader(data["train"], config.batch_size, config.seq_len, config.seed,
                                 rank=rank, world=world)  # fmt: skip
     valid_loader = PackedLoader(data["valid"], config.batch_size, config.seq_len, shuffle=False,
