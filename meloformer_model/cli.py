@@ -295,8 +295,8 @@ def _dataset_and_vocabulary(args: argparse.Namespace) -> tuple[Path, Vocabulary]
         raise CliError(f"{dataset}: not an Arrow dataset version folder (no dataset_dict.json)")
     try:
         return dataset, Vocabulary.load(args.vocab)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CliError(f"{args.vocab}: not a vocabulary ({exc})") from exc
+    except ValueError as exc:  # VocabularyMismatchError, naming the file and the reason
+        raise CliError(str(exc)) from exc
 
 
 def _check_report_folder(out: Path, inputs: list) -> None:

@@ -120,6 +120,12 @@ def test_a_broken_dataset_folder_is_named_in_one_line(prepared, tmp_path):
                      "--max-steps", "1")  # fmt: skip
     assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith(f"meloformer train: {broken}: not a readable Arrow dataset")
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text("{}")
+    result = run_cli("train", prepared.dataset.path, "--vocab", vocab, "--out", tmp_path / "run")
+    assert result.stderr == (
+        f"meloformer train: {vocab}: not a valid vocabulary file ('config')\n"
+    )  # the file named once
 
 
 def test_corpus_commands_name_missing_sources_and_bad_worker_counts(tmp_path, capsys):
