@@ -106,12 +106,17 @@ def _load_tokens(path: str) -> tuple[HIDTokenizer, np.ndarray]:
     return tokenizer, ids.astype(np.int32)
 
 
+def _naming(path: str | Path, exc: Exception) -> CliError:
+    """The error, with the input it is about in front unless it already names it."""
+    return CliError(str(exc) if str(path) in str(exc) else f"{path}: {exc}")
+
+
 def _encode(path: str) -> tuple[HIDTokenizer, object]:
     tokenizer = HIDTokenizer()
     try:
         return tokenizer, tokenizer.encode(path)
     except (MidiReadError, TokenizeError) as exc:
-        raise CliError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from exc
+        raise _naming(path, exc) from exc
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
@@ -222,6 +227,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from meloformer_model.generation import (
         Grammar,
         generate_batch,
+        piano_roll_path,
         prompt_from_midi,
         prompt_from_scratch,
         write_outputs,
@@ -243,7 +249,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     out = Path(args.output)
     paths = [out if args.samples == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
              for i in range(1, args.samples + 1)]  # fmt: skip
-    rolls = [path.with_suffix(".png") for path in paths] if args.piano_roll else []
+    rolls = [piano_roll_path(path) for path in paths] if args.piano_roll else []
     _check_outputs(paths + rolls, [args.checkpoint, args.prompt])
     try:
         sampling = SamplingConfig(**{f.name: getattr(args, f.name) for f in fields(SamplingConfig)})
@@ -261,8 +267,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         else:
             prompt = prompt_from_scratch(tokenizer, args.tempo, args.time_signature)
     except (MidiReadError, TokenizeError, ValueError) as exc:
-        named = not args.prompt or str(args.prompt) in str(exc)
-        raise CliError(str(exc) if named else f"{args.prompt}: {exc}") from exc
+        raise (_naming(args.prompt, exc) if args.prompt else CliError(str(exc))) from exc
     try:
         Grammar(tokenizer, args.instruments)  # refuses unknown programs before sampling starts
     except ValueError as exc:
@@ -285,7 +290,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     for path, ids in zip(paths, pieces):
         score = write_outputs(tokenizer, ids, path, args.piano_roll)
         notes, tracks = score.note_num(), len(score.tracks)
-        roll = f" and {path.with_suffix('.png')}" if args.piano_roll else ""
+        roll = f" and {piano_roll_path(path)}" if args.piano_roll else ""
         print(f"{len(ids)} tokens, {notes} notes in {tracks} tracks -> {path}{roll}")
 
 

@@ -284,6 +284,11 @@ class _Piece:
         return self.row
 
 
+def piano_roll_path(out: Path) -> Path:
+    """Where ``write_outputs`` puts the piano roll of the MIDI file ``out``."""
+    return out.with_suffix(".png")
+
+
 def write_outputs(tokenizer: HIDTokenizer, ids: np.ndarray, out: Path, piano_roll: bool = False):
     """Write the MIDI (and optionally a piano-roll PNG beside it)."""
     from meloformer_model.data.midi_io import write_midi
@@ -293,5 +298,5 @@ def write_outputs(tokenizer: HIDTokenizer, ids: np.ndarray, out: Path, piano_rol
     if piano_roll:
         from meloformer_model.evaluation.plots import save_piano_roll
 
-        save_piano_roll(score, out.with_suffix(".png"))
+        save_piano_roll(score, piano_roll_path(out))
     return score

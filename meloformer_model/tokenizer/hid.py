@@ -126,6 +126,8 @@ class HIDTokenizer:
         cfg = self.config
         self._durations = cfg.duration_values()
         self._tempi = cfg.tempo_values()
+        log_tempi = np.log(self._tempi)
+        self._tempo_bounds = (log_tempi[1:] + log_tempi[:-1]) / 2  # between neighbouring bins
         self._ts_index = {ts: i for i, ts in enumerate(cfg.time_signatures)}
         self._ts_units = np.asarray([cfg.bar_units(n, d) for n, d in cfg.time_signatures])
         self._ts_of_length: dict[int, list[int]] = {}  # bar length -> time signatures, in order
@@ -146,9 +148,8 @@ class HIDTokenizer:
 
     def tempo_bin(self, bpm: np.ndarray) -> np.ndarray:
         """Nearest tempo bin on a log scale; tempi beyond the ends take the end bins."""
-        bounds = np.log(self._tempi)
-        bounds = (bounds[1:] + bounds[:-1]) / 2
-        return np.searchsorted(bounds, np.log(np.asarray(bpm, dtype=np.float64))).astype(np.int64)
+        bpm = np.asarray(bpm, dtype=np.float64)
+        return np.searchsorted(self._tempo_bounds, np.log(bpm)).astype(np.int64)
 
     def velocity_bin(self, velocity: np.ndarray) -> np.ndarray:
         return np.asarray(velocity, dtype=np.int64) * self.config.velocity_bins // 128
